@@ -1,0 +1,137 @@
+"""Benchmark grid: models x methods (or named variants) x W/A x calibration sizes x seeds.
+
+Each run goes to its own folder under `<out>/runs/` (finished runs are skipped, interrupted ones resume), and the
+table is rebuilt from all finished reports: `<out>/results.json` and `<out>/results.md` (mean ± std over seeds).
+
+    python bench/grid.py --out bench/baselines --models resnet20 --methods rtn,adaround,brecq,qdrop \\
+        --settings W4A4,W2A4,W2A2 --calib-sizes 1024 --seeds 0,1,2 --iters 2000
+
+Variants: `--variant NAME=METHOD[:key=value,...]` (repeatable) runs METHOD with options under NAME, e.g.
+`--variant paper=metaaug:inner_optimizer=adam_fresh,balance=none`. `--ray` runs the grid on a ray cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from metaaug.pipeline import RunConfig, run_job  # noqa: E402
+
+
+def parse_variant(text: str) -> tuple[str, str, dict]:
+    name, _, rest = text.partition("=")
+    method, _, opts = rest.partition(":")
+    options = {}
+    for item in filter(None, opts.split(",")):
+        key, _, raw = item.partition("=")
+        try:
+            options[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    return name, method, options
+
+
+def jobs(a: argparse.Namespace) -> list[tuple[str, RunConfig]]:
+    variants = [(m, m, {}) for m in filter(None, a.methods.split(","))] + [parse_variant(v) for v in a.variant]
+    out = []
+    for model in a.models.split(","):
+        for name, method, options in variants:
+            for setting in a.settings.split(","):
+                w, _, act = setting.upper().removeprefix("W").partition("A")
+                for calib in map(int, a.calib_sizes.split(",")):
+                    for seed in map(int, a.seeds.split(",")):
+                        opts = dict(options)
+                        holdout = float(opts.pop("holdout", a.holdout))
+                        cfg = RunConfig(model=model, method=method, wbits=int(w), abits=int(act), calib_size=calib,
+                                        iters=a.iters, seed=seed, holdout=holdout, options=opts)
+                        out.append((f"{model}-{name}-w{w}a{act}-n{calib}-s{seed}", cfg))
+    return out
+
+
+def run_one(run_dir: str, cfg: RunConfig) -> dict:
+    report_path = Path(run_dir) / "report.json"
+    if report_path.exists():
+        return json.loads(report_path.read_text())
+    return run_job(cfg, run_dir, device="auto")
+
+
+def summarise(reports: dict[str, dict], command: str, out: Path) -> None:
+    groups: dict[tuple, list[dict]] = {}
+    for key, rep in reports.items():
+        variant = key.split("-")[1]
+        groups.setdefault((rep["model"], variant, f"W{rep['wbits']}A{rep['abits']}", rep["calib_size"]), []).append(rep)
+
+    def ms(vals: list[float]) -> str:
+        return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else f"{vals[0]:.2f}"
+
+    rows = []
+    for (model, variant, setting, calib), reps in sorted(groups.items()):
+        q = [r["quant_top1"] for r in reps]
+        gap = [r["calib_top1"] - r["quant_top1"] for r in reps]
+        row = {"model": model, "variant": variant, "setting": setting, "calib_size": calib, "seeds": len(reps),
+               "quant_top1": ms(q), "gap": ms(gap), "seconds": f"{statistics.mean(r['seconds'] for r in reps):.0f}",
+               "fp_top1": reps[0]["fp_top1"]}
+        hold = [r["holdout_top1"] for r in reps if "holdout_top1" in r]
+        row["holdout_top1"] = ms(hold) if hold else "-"
+        meta = [r["meta_seconds"] for r in reps if "meta_seconds" in r]
+        row["meta_seconds"] = f"{statistics.mean(meta):.0f}" if meta else "-"
+        rows.append(row)
+    (out / "results.json").write_text(json.dumps({"command": command, "summary": rows, "runs": {
+        k: {kk: v for kk, v in r.items() if kk not in ("units", "meta_units")} for k, r in sorted(reports.items())}},
+        indent=2) + "\n")
+    cols = ["model", "variant", "setting", "calib_size", "seeds", "fp_top1", "quant_top1", "gap", "holdout_top1",
+            "seconds", "meta_seconds"]
+    lines = [f"Command: `{command}`", "",
+             "quant_top1: test top-1 (%) of the quantized model, mean ± std over seeds; gap: calib_top1 - quant_top1 "
+             "(train-test gap); seconds: wall time per run on the machine named in results.json.", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--models", default="resnet20")
+    p.add_argument("--methods", default="rtn,adaround,brecq,qdrop")
+    p.add_argument("--variant", action="append", default=[])
+    p.add_argument("--settings", default="W4A4,W2A4,W2A2")
+    p.add_argument("--calib-sizes", default="1024")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--iters", type=int, default=2000)
+    p.add_argument("--holdout", type=float, default=0.0)
+    p.add_argument("--ray", action="store_true", help="run the grid as ray tasks (pip install 'metaaug[ray]')")
+    a = p.parse_args()
+    command = "python bench/grid.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    todo = jobs(a)
+    (a.out / "runs").mkdir(parents=True, exist_ok=True)
+    reports: dict[str, dict] = {}
+    if a.ray:
+        try:
+            import ray
+        except ImportError:
+            sys.exit("--ray needs ray: pip install 'metaaug[ray]'")
+        ray.init(ignore_reinit_error=True)
+        remote = ray.remote(run_one)
+        futures = {key: remote.remote(str(a.out / "runs" / key), cfg) for key, cfg in todo}
+        reports = {key: ray.get(f) for key, f in futures.items()}
+    else:
+        for i, (key, cfg) in enumerate(todo):
+            t = time.time()
+            reports[key] = run_one(str(a.out / "runs" / key), cfg)
+            r = reports[key]
+            print(f"[{i + 1}/{len(todo)}] {key}: quant {r['quant_top1']} calib {r['calib_top1']} ({time.time() - t:.0f}s)", flush=True)
+            summarise(reports, command, a.out)
+    summarise(reports, command, a.out)
+
+
+if __name__ == "__main__":
+    main()

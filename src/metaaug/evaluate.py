@@ -1,0 +1,20 @@
+"""Top-1 accuracy and logits over a dataset, batched, on any device."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from metaaug.data.datasets import ImageDataset
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, images: torch.Tensor, batch: int = 500, device: torch.device | str = "cpu") -> torch.Tensor:
+    outs = [model(images[i : i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)]
+    return torch.cat(outs)
+
+
+def top1(model: nn.Module, ds: ImageDataset, batch: int = 500, device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy in percent."""
+    pred = logits_of(model, ds.images, batch, device).argmax(1)
+    return 100.0 * float((pred == ds.labels).float().mean())

@@ -1,0 +1,111 @@
+"""A whole quantization job (data, model, method, evaluation, report), shared by the CLI and the benchmarks."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metaaug.api import engine_for, quantize, resolve_device
+from metaaug.data import calibration_split, load_dataset
+from metaaug.errors import ConfigError
+from metaaug.evaluate import top1
+from metaaug.methods.configs import method_config
+from metaaug.models.registry import build_model
+from metaaug.quant.prepare import QuantModel, QuantSpec, prepare
+from metaaug.recon.engine import Progress
+from metaaug.store import QUANTIZED, RunStore, load_state, read_json
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run's result; stored as `config.json` in the run folder."""
+
+    model: str = "resnet20"
+    weights: str | None = None
+    method: str = "qdrop"
+    wbits: int = 2
+    abits: int = 4
+    calib_size: int = 1024
+    iters: int | None = 2000
+    seed: int = 0
+    data_dir: str | None = None
+    fold_bn: bool = True
+    holdout: float = 0.0
+    units: list[str] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.wbits, self.abits, fold_bn=self.fold_bn)
+
+    def method_cfg(self):
+        overrides = dict(self.options)
+        if self.iters is not None:
+            overrides["iters"] = self.iters
+        return method_config(self.method, **overrides)
+
+    def identity(self) -> dict[str, Any]:
+        """The config as stored: run options plus the fully resolved method config."""
+        return {**dataclasses.asdict(self), "method_config": self.method_cfg().to_dict()}
+
+
+def build_quant_model(cfg: RunConfig) -> QuantModel:
+    """The (empty) fake-quant model a run's saved state loads into."""
+    model = build_model(cfg.model, cfg.weights)
+    return prepare(model, cfg.spec(), cfg.units if cfg.units is not None else cfg.method_cfg().units)
+
+
+def load_run(run_dir: str | Path, device: str = "auto") -> tuple[QuantModel, RunConfig, dict]:
+    """Rebuild a finished run's quantized model from its folder."""
+    run_dir = Path(run_dir)
+    if not (run_dir / QUANTIZED).exists():
+        raise ConfigError(f"{run_dir} holds no finished run ({QUANTIZED} missing)")
+    stored = read_json(run_dir / "config.json")
+    stored.pop("method_config", None)
+    cfg = RunConfig(**stored)
+    qmodel = build_quant_model(cfg)
+    load_state(qmodel, run_dir / QUANTIZED)
+    qmodel.harden()
+    qmodel.set_quant(True, True)
+    qmodel = qmodel.to(resolve_device(device)).eval()
+    return qmodel, cfg, read_json(run_dir / "report.json")
+
+
+def run_job(cfg: RunConfig, out: str | Path, device: str = "auto", progress: Progress | None = None) -> dict[str, Any]:
+    """Quantize per `cfg`, evaluate, and write `report.json` and `quantized.safetensors` into `out`."""
+    start = time.perf_counter()
+    spec, mcfg = cfg.spec(), cfg.method_cfg()
+    dev = resolve_device(device)
+    model = build_model(cfg.model, cfg.weights)
+    train, test = load_dataset(cfg.data_dir, "train"), load_dataset(cfg.data_dir, "test")
+    calib, holdout = calibration_split(train, cfg.calib_size, cfg.seed, cfg.holdout)
+    store = RunStore(out, cfg.identity())
+    fp_top1 = top1(model.to(dev), test, device=dev)
+    engine_kwargs = engine_for(mcfg).job_kwargs(holdout=holdout, out_dir=Path(out))
+    qmodel = quantize(model, calib.images, mcfg, spec, seed=cfg.seed, device=dev, units=cfg.units,
+                      progress=progress, store=store, engine_kwargs=engine_kwargs)
+    stats = qmodel.engine_stats
+    report: dict[str, Any] = {
+        "model": cfg.model, "method": cfg.method, "wbits": cfg.wbits, "abits": cfg.abits,
+        "calib_size": cfg.calib_size, "iters": mcfg.iters, "seed": cfg.seed,
+        "fp_top1": round(fp_top1, 2),
+        "quant_top1": round(top1(qmodel, test, device=dev), 2),
+        "calib_top1": round(top1(qmodel, calib, device=dev), 2),
+    }
+    if holdout is not None:
+        report["holdout_top1"] = round(top1(qmodel, holdout, device=dev), 2)
+    recon = sum(s.seconds - s.extra.get("meta_seconds", 0.0) for s in stats)
+    report.update({
+        "seconds": round(time.perf_counter() - start, 1),
+        "recon_seconds": round(recon, 1),
+        "units": [dataclasses.asdict(s) for s in stats],
+        "device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(), "host": platform.node(),
+    })
+    report.update(qmodel.engine.report_extra())
+    store.finish(qmodel, report)
+    return report

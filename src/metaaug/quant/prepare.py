@@ -1,0 +1,186 @@
+"""Turn any traceable `nn.Module` into a fake-quant model split into reconstruction units.
+
+Steps: FX-trace, fold BN, wrap every Conv2d/Linear in a `QuantLayer`, put one `ActQuantizer` on each tensor a
+quantized layer consumes (shared by all its consumers, the image excepted), then split the graph into units.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.split_module import split_module
+
+from metaaug.errors import ConfigError, ModelError
+from metaaug.quant.fold import fold_batchnorm
+from metaaug.quant.layers import SUPPORTED, QuantLayer
+from metaaug.quant.quantizers import ActQuantizer, check_bits
+from metaaug.quant.units import assign_units, check_unit_names, detect_blocks, warn_fallback
+
+ALLOWED_PARAM_FREE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh,
+                      nn.Identity, nn.Flatten, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+                      nn.AdaptiveMaxPool2d)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Bit-widths in the QDrop setting: first layer W8 on the raw image, last layer W8 with an A8 input."""
+
+    wbits: int = 4
+    abits: int = 4
+    first_last_bits: int = 8
+    fold_bn: bool = True
+
+    def __post_init__(self) -> None:
+        check_bits(self.wbits, "weight bit-width (wbits)")
+        check_bits(self.abits, "activation bit-width (abits)")
+        check_bits(self.first_last_bits, "first/last layer bit-width")
+
+
+class QuantModel(nn.Module):
+    """The prepared fake-quant model: a split FX graph whose top-level submodules are the units."""
+
+    def __init__(self, gm: fx.GraphModule, unit_names: list[str]) -> None:
+        super().__init__()
+        self.gm = gm
+        self.unit_names = unit_names
+        self.unit_targets = [f"submod_{i}" for i in range(len(unit_names))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gm(x)
+
+    def unit(self, i: int) -> nn.Module:
+        return getattr(self.gm, self.unit_targets[i])
+
+    def units(self) -> list[nn.Module]:
+        return [self.unit(i) for i in range(len(self.unit_names))]
+
+    def quant_layers(self, module: nn.Module | None = None) -> Iterator[QuantLayer]:
+        yield from (m for m in (module or self).modules() if isinstance(m, QuantLayer))
+
+    def act_quantizers(self, module: nn.Module | None = None) -> Iterator[ActQuantizer]:
+        yield from (m for m in (module or self).modules() if isinstance(m, ActQuantizer))
+
+    def set_quant(self, weights: bool, acts: bool, module: nn.Module | None = None) -> None:
+        """Switch weight/activation quantization on or off for the whole model or one unit."""
+        for layer in self.quant_layers(module):
+            layer.quantize_weight = weights
+        for aq in self.act_quantizers(module):
+            aq.enabled = acts and bool(aq.initialized)
+
+    def harden(self) -> None:
+        for layer in self.quant_layers():
+            layer.wq.harden()
+        for aq in self.act_quantizers():
+            aq.scale.requires_grad_(False)
+            aq.quant_prob = 1.0
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{type(model).__name__} cannot be traced by torch.fx ({msg}); "
+                         "data-dependent control flow in forward() is not supported") from None
+
+
+def _check_layers(gm: fx.GraphModule) -> None:
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = modules[node.target]
+        if isinstance(mod, SUPPORTED + ALLOWED_PARAM_FREE + (nn.BatchNorm1d, nn.BatchNorm2d)):
+            continue
+        if any(True for _ in mod.parameters(recurse=False)) or any(True for _ in mod.buffers(recurse=False)):
+            raise ModelError(f"unknown layer type {type(mod).__name__} at '{node.target}': "
+                             "supported are Conv2d, Linear, BatchNorm and parameter-free activations/pooling")
+
+
+def _layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    modules = dict(gm.named_modules())
+    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], QuantLayer)]
+
+
+def _reaches_output_directly(node: fx.Node, layers: set[fx.Node]) -> bool:
+    """True when the node's value reaches the graph output without passing another quantized layer."""
+    todo, seen = list(node.users), set()
+    while todo:
+        n = todo.pop()
+        if n in seen or n in layers:
+            continue
+        seen.add(n)
+        if n.op == "output":
+            return True
+        todo.extend(n.users)
+    return False
+
+
+def prepare(model: nn.Module, spec: QuantSpec, units: str | Sequence[str] = "block") -> QuantModel:
+    """Build the fake-quant model (quantization off) from a copy of `model`.
+
+    `units`: 'block' (auto-detected residual blocks, lone layers elsewhere), 'layer' (one unit per
+    Conv/Linear, AdaRound) or a list of module paths naming the blocks explicitly.
+    """
+    model = copy.deepcopy(model).eval()
+    if not any(isinstance(m, SUPPORTED) for m in model.modules()):
+        raise ModelError(f"{type(model).__name__} has no Conv2d or Linear layer to quantize")
+    if units == "layer":
+        blocks: list[str] = []
+    elif units == "block":
+        blocks = detect_blocks(model)
+        if not blocks:
+            warn_fallback(model)
+    elif isinstance(units, str):
+        raise ConfigError(f"units must be 'block', 'layer' or a list of module paths, got {units!r}")
+    else:
+        blocks = check_unit_names(model, units)
+
+    gm = _trace(model)
+    _check_layers(gm)
+    if spec.fold_bn:
+        fold_batchnorm(gm)
+    modules = dict(gm.named_modules())
+
+    # wrap layers
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], SUPPORTED):
+            parent, _, attr = node.target.rpartition(".")
+            owner = gm.get_submodule(parent) if parent else gm
+            setattr(owner, attr, QuantLayer(modules[node.target], spec.wbits))
+    modules = dict(gm.named_modules())
+    layers = _layer_nodes(gm)
+    layer_set = set(layers)
+    first = {n for n in layers if all(a.op == "placeholder" for a in n.all_input_nodes)}
+    last = {n for n in layers if _reaches_output_directly(n, layer_set)}
+    for n in first | last:
+        modules[n.target].wq.bits = spec.first_last_bits
+        modules[n.target].wq.init_scale(modules[n.target].weight)
+
+    # one activation quantizer per tensor consumed by a quantized layer (the raw input excepted)
+    aq_root = nn.Module()
+    gm.add_module("aq", aq_root)
+    quantizer_src: dict[fx.Node, fx.Node] = {}
+    for tensor in list(gm.graph.nodes):
+        consumers = [u for u in tensor.users if u in layer_set]
+        if not consumers or tensor.op == "placeholder":
+            continue
+        bits = spec.first_last_bits if any(u in last for u in consumers) else spec.abits
+        name = tensor.name.replace(".", "_")
+        aq_root.add_module(name, ActQuantizer(bits))
+        with gm.graph.inserting_after(tensor):
+            qnode = gm.graph.call_module(f"aq.{name}", (tensor,))
+        tensor.replace_all_uses_with(qnode, delete_user_cb=lambda u, q=qnode: u is not q)
+        quantizer_src[qnode] = tensor
+    gm.recompile()
+
+    unit_of, names = assign_units(gm.graph, blocks, layer_set.__contains__, quantizer_src.get)
+    split = split_module(gm, model, lambda n: unit_of[n], keep_original_order=True)
+    targets = sorted({unit_of[n] for n in unit_of})
+    if targets != list(range(len(names))):
+        raise ModelError("internal error: unit partition is not contiguous")
+    return QuantModel(split, names)

@@ -1,0 +1,262 @@
+"""The reconstruction engine: for each unit, cache its inputs/outputs, then learn rounding and steps.
+
+Every method is this loop with different settings; MetaAug subclasses it to add a meta phase and extra
+(transformed) training inputs per unit via `extra_data`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from metaaug.methods.configs import ReconConfig
+from metaaug.quant.prepare import QuantModel
+from metaaug.recon.loss import beta_at, output_error, rounding_penalty
+from metaaug.recon.stepper import GraphStepper, map_chunks
+
+OBSERVE_IMAGES = 256
+
+
+@dataclass
+class UnitData:
+    """A unit's cached inputs on the quantized path and the FP path, and its FP outputs (on the cache device)."""
+
+    q_in: tuple
+    fp_in: tuple
+    fp_out: torch.Tensor | tuple
+
+    @property
+    def size(self) -> int:
+        return next(a for a in self.q_in if isinstance(a, torch.Tensor)).shape[0]
+
+    def cat(self, other: UnitData) -> UnitData:
+        def join(a, b):
+            if isinstance(a, torch.Tensor):
+                return torch.cat([a, b])
+            if isinstance(a, tuple):
+                return tuple(join(x, y) for x, y in zip(a, b, strict=True))
+            return a
+        return UnitData(join(self.q_in, other.q_in), join(self.fp_in, other.fp_in), join(self.fp_out, other.fp_out))
+
+    def batch(self, idx: torch.Tensor, quant_prob: float, device: torch.device) -> tuple[list, torch.Tensor | tuple]:
+        """Inputs for a batch: QDrop mixes quantized and FP inputs element-wise with probability `quant_prob`."""
+        inputs = []
+        for q, f in zip(self.q_in, self.fp_in, strict=True):
+            if not isinstance(q, torch.Tensor):
+                inputs.append(q)
+                continue
+            qb = q[idx].to(device, non_blocking=True)
+            if quant_prob < 1.0:
+                fb = f[idx].to(device, non_blocking=True)
+                qb = torch.where(torch.rand_like(qb) < quant_prob, qb, fb)
+            inputs.append(qb)
+        out = self.fp_out
+        target = out[idx].to(device) if isinstance(out, torch.Tensor) else tuple(o[idx].to(device) for o in out)
+        return inputs, target
+
+
+@dataclass
+class UnitStats:
+    name: str
+    iters: int
+    seconds: float
+    ms_per_iter: float
+    loss_start: float | None = None
+    loss_end: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Progress(Protocol):
+    def unit_start(self, index: int, name: str, total: int) -> None: ...
+    def advance(self, steps: int) -> None: ...
+    def unit_end(self, index: int, stats: UnitStats) -> None: ...
+
+
+class NullProgress:
+    def unit_start(self, index: int, name: str, total: int) -> None:
+        pass
+
+    def advance(self, steps: int) -> None:
+        pass
+
+    def unit_end(self, index: int, stats: UnitStats) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def fp_mode(qmodel: QuantModel) -> Iterator[None]:
+    """Temporarily switch every quantizer off (the exact FP model, BN folded), restoring the flags after."""
+    layers, acts = list(qmodel.quant_layers()), list(qmodel.act_quantizers())
+    saved = [layer.quantize_weight for layer in layers], [aq.enabled for aq in acts]
+    qmodel.set_quant(False, False)
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, saved[0], strict=True):
+            layer.quantize_weight = flag
+        for aq, flag in zip(acts, saved[1], strict=True):
+            aq.enabled = flag
+
+
+class Reconstructor:
+    """Sequential unit-wise reconstruction over a prepared `QuantModel`."""
+
+    def __init__(self, qmodel: QuantModel, cfg: ReconConfig, seed: int = 0, device: torch.device | str = "cpu",
+                 progress: Progress | None = None, store=None) -> None:
+        self.qmodel, self.cfg, self.seed = qmodel, cfg, seed
+        self.device = torch.device(device)
+        self.progress = progress or NullProgress()
+        self.store = store
+        depthwise = any(isinstance(m.layer, nn.Conv2d) and m.layer.groups > 1 for m in qmodel.quant_layers())
+        self.round_weight = cfg.resolved_round_weight(depthwise)
+        self.stats: list[UnitStats] = []
+
+    # ---- hooks for methods built on the engine -------------------------------------------------
+    @classmethod
+    def job_kwargs(cls, **available) -> dict:
+        """Which of the job's extras (held-out images, run folder) this engine takes as constructor arguments."""
+        return {}
+
+    def report_extra(self) -> dict:
+        """Method-specific fields for report.json."""
+        return {}
+
+    def begin(self, images: torch.Tensor) -> None:
+        """Called once before the first unit."""
+
+    def extra_data(self, k: int, unit: nn.Module, data: UnitData) -> UnitData | None:
+        """More training data for unit `k` (MetaAug: the transformed images); None for plain reconstruction."""
+        return None
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def run(self, images: torch.Tensor) -> list[UnitStats]:
+        qm, cfg = self.qmodel, self.cfg
+        chunk = 256
+        fp = GraphStepper(qm, images, self.device, cfg.cache_device, chunk)
+        q = GraphStepper(qm, images, self.device, cfg.cache_device, chunk)
+        done, self.stats = (self.store.restore(qm) if self.store else (0, []))
+        self.begin(images)
+        for k, name in enumerate(qm.unit_names):
+            unit = qm.unit(k)
+            with fp_mode(qm):
+                fp_in = fp.advance_to(k)
+            q_in = q.advance_to(k)
+            if k < done:
+                qm.set_quant(True, True, unit)
+                self.after_unit(k, unit)
+                with fp_mode(qm):
+                    fp.step()
+                q.step()
+                continue
+            torch.manual_seed(self.seed * 100_003 + k)
+            with fp_mode(qm), torch.no_grad():
+                fp_out = map_chunks(unit, fp_in, chunk, self.device, torch.device(cfg.cache_device))
+            data = UnitData(q_in, fp_in, fp_out)
+            self.init_quantizers(unit, data)
+            self.progress.unit_start(k, name, cfg.iters)
+            start = time.perf_counter()
+            extra = self.extra_data(k, unit, data)
+            meta_seconds = time.perf_counter() - start
+            stats = self.optimize(k, name, unit, data if extra is None else data.cat(extra))
+            stats.extra.update(self.unit_extra_stats(k), meta_seconds=round(meta_seconds, 3))
+            stats.seconds = round(time.perf_counter() - start, 3)
+            self.finalize_unit(unit)
+            self.after_unit(k, unit)
+            with fp_mode(qm):
+                fp.step(fp_out)
+            q.step()
+            self.stats.append(stats)
+            if self.store:
+                self.store.save(qm, k + 1, self.stats)
+            self.progress.unit_end(k, stats)
+        return self.stats
+
+    def after_unit(self, k: int, unit: nn.Module) -> None:
+        """Called when unit `k` is final (also when replayed on resume)."""
+
+    def unit_extra_stats(self, k: int) -> dict:
+        return {}
+
+    @torch.no_grad()
+    def init_quantizers(self, unit: nn.Module, data: UnitData) -> None:
+        """Lp-search the unit's activation steps on its quantized-path inputs, then start rounding at FP."""
+        qm = self.qmodel
+        layers = list(qm.quant_layers(unit))
+        for layer in layers:
+            layer.quantize_weight = True
+        acts = list(qm.act_quantizers(unit))
+        for aq in acts:
+            aq.observing = True
+        sample = tuple(a[:OBSERVE_IMAGES] if isinstance(a, torch.Tensor) else a for a in data.q_in)
+        map_chunks(unit, sample, 128, self.device, self.device)
+        for aq in acts:
+            aq.finish_observing()
+            aq.enabled = True
+        if self.cfg.learn_rounding and self.cfg.iters > 0:
+            for layer in layers:
+                layer.wq.init_rounding(layer.weight)
+
+    def trainable(self, unit: nn.Module) -> list[dict]:
+        """Adam parameter groups: rounding logits, activation steps, optionally weight steps (Genie-M)."""
+        qm, cfg = self.qmodel, self.cfg
+        groups = []
+        if cfg.learn_rounding:
+            groups.append({"params": [layer.wq.alpha for layer in qm.quant_layers(unit)], "lr": cfg.lr_round})
+        if cfg.learn_act_scale:
+            groups.append({"params": [aq.scale for aq in qm.act_quantizers(unit) if aq.enabled], "lr": cfg.lr_act})
+        if cfg.lr_weight_scale > 0:
+            groups.append({"params": [layer.wq.scale for layer in qm.quant_layers(unit)], "lr": cfg.lr_weight_scale})
+        groups = [g for g in groups if g["params"]]
+        for g in groups:
+            for p in g["params"]:
+                p.requires_grad_(True)
+        return groups
+
+    def optimize(self, k: int, name: str, unit: nn.Module, data: UnitData) -> UnitStats:
+        cfg = self.cfg
+        groups = self.trainable(unit)
+        if cfg.iters == 0 or not groups:
+            return UnitStats(name, 0, 0.0, 0.0)
+        opt = torch.optim.Adam(groups)
+        wqs = [layer.wq for layer in self.qmodel.quant_layers(unit)] if cfg.learn_rounding else []
+        acts = list(self.qmodel.act_quantizers(unit))
+        for aq in acts:
+            aq.quant_prob = cfg.quant_prob
+        n, first, last = data.size, None, None
+        start = time.perf_counter()
+        for it in range(cfg.iters):
+            idx = torch.randint(n, (cfg.batch_size,))
+            inputs, target = data.batch(idx, cfg.quant_prob, self.device)
+            rec = output_error(unit(*inputs), target)
+            loss = rec + rounding_penalty(wqs, beta_at(it, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end),
+                                          self.round_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if it == 0:
+                first = float(rec.detach())
+            if (it + 1) % 50 == 0 or it + 1 == cfg.iters:
+                self.progress.advance(50 if (it + 1) % 50 == 0 else cfg.iters % 50)
+        last = float(rec.detach())
+        for aq in acts:
+            aq.quant_prob = 1.0
+        secs = time.perf_counter() - start
+        return UnitStats(name, cfg.iters, round(secs, 3), round(1000 * secs / cfg.iters, 3), first, last)
+
+    def finalize_unit(self, unit: nn.Module) -> None:
+        for layer in self.qmodel.quant_layers(unit):
+            layer.wq.harden()
+            layer.quantize_weight = True
+        for aq in self.qmodel.act_quantizers(unit):
+            aq.scale.requires_grad_(False)
+            aq.enabled = bool(aq.initialized)
+
+
+# method name -> engine class, for methods that extend the loop (MetaAug registers itself here)
+ENGINES: dict[str, type[Reconstructor]] = {}

@@ -1,0 +1,105 @@
+"""Walk the split graph unit by unit, keeping only the live tensors (each node runs once per path)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import fx
+
+from metaaug.quant.prepare import QuantModel
+
+Value = object
+
+
+def map_chunks(fn: Callable[..., Value], args: tuple, chunk: int | None, device: torch.device, out_device: torch.device) -> Value:
+    """Apply `fn` to `args` in slices of `chunk` rows along dim 0, moving each slice to `device` and back."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    n = tensors[0].shape[0] if tensors else 0
+    if chunk is None or n <= chunk:
+        out = fn(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args])
+        return _to(out, out_device)
+    parts = []
+    for i in range(0, n, chunk):
+        sl = [a[i : i + chunk].to(device) if isinstance(a, torch.Tensor) else a for a in args]
+        parts.append(_to(fn(*sl), out_device))
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(p) for p in zip(*parts, strict=True))
+    return torch.cat(parts)
+
+
+def _to(value: Value, device: torch.device) -> Value:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+class GraphStepper:
+    """Executes the top-level graph of a `QuantModel` on a whole tensor, pausing before each unit.
+
+    The quantization flags of the model at the time each node runs decide which path (FP or quantized)
+    is computed, so one class serves both caches and the MetaAug prefix/suffix passes.
+    """
+
+    def __init__(self, qmodel: QuantModel, images: torch.Tensor, device: torch.device,
+                 cache_device: torch.device | str = "cpu", chunk: int | None = 256) -> None:
+        self.qmodel = qmodel
+        self.nodes = list(qmodel.gm.graph.nodes)
+        self.device, self.cache_device, self.chunk = device, torch.device(cache_device), chunk
+        self.last_use = {}
+        for i, node in enumerate(self.nodes):
+            for inp in node.all_input_nodes:
+                self.last_use[inp] = i
+        placeholder = self.nodes[0]
+        self.env: dict[fx.Node, Value] = {placeholder: images.to(self.cache_device)}
+        self.pos = 1
+        self.unit_index = {t: i for i, t in enumerate(qmodel.unit_targets)}
+
+    def _run_node(self, node: fx.Node, value: Value | None = None) -> None:
+        if value is None:
+            args = fx.node.map_arg(node.args, lambda n: self.env[n])
+            if node.op == "call_module":
+                mod = self.qmodel.gm.get_submodule(node.target)
+                value = map_chunks(mod, args, self.chunk, self.device, self.cache_device)
+            elif node.op == "call_function":
+                kwargs = fx.node.map_arg(node.kwargs, lambda n: self.env[n])
+                value = node.target(*args, **kwargs)
+            elif node.op == "output":
+                value = args[0]
+            else:
+                raise RuntimeError(f"unexpected top-level node {node.op} {node.target}")
+        self.env[node] = value
+        for inp in node.all_input_nodes:
+            if self.last_use.get(inp) == self.pos:
+                del self.env[inp]
+        self.pos += 1
+
+    def advance_to(self, unit: int) -> tuple:
+        """Run up to (not including) unit `unit` and return the unit's input arguments."""
+        while True:
+            node = self.nodes[self.pos]
+            if node.op == "call_module" and self.unit_index.get(node.target) == unit:
+                return tuple(fx.node.map_arg(node.args, lambda n: self.env[n]))
+            if node.op == "output":
+                raise IndexError(f"unit {unit} not found after position {self.pos}")
+            self._run_node(node)
+
+    def batch_view(self, idx: torch.Tensor, device: torch.device) -> GraphStepper:
+        """A stepper paused at the same place, holding only rows `idx` of every live tensor (for MetaAug's suffix)."""
+        view = object.__new__(GraphStepper)
+        view.__dict__.update(self.__dict__)
+        view.env = {n: v[idx].to(device) if isinstance(v, torch.Tensor) else v for n, v in self.env.items()}
+        view.device, view.cache_device, view.chunk = device, device, None
+        return view
+
+    def step(self, value: Value | None = None) -> None:
+        """Execute the unit the stepper is paused at (or record `value` as its output)."""
+        self._run_node(self.nodes[self.pos], value)
+
+    def finish(self) -> Value:
+        while self.nodes[self.pos].op != "output":
+            self._run_node(self.nodes[self.pos])
+        out = fx.node.map_arg(self.nodes[self.pos].args[0], lambda n: self.env[n])
+        return out

@@ -1,0 +1,83 @@
+"""A run folder: config, progress after each unit (for resume), the quantized weights and the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+from metaaug.errors import ConfigError
+from metaaug.quant.prepare import QuantModel
+
+CONFIG, PROGRESS, PROGRESS_STATE, QUANTIZED, REPORT = (
+    "config.json", "progress.json", "progress.safetensors", "quantized.safetensors", "report.json")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_state(qmodel: QuantModel, path: Path) -> None:
+    """All parameters and buffers of the fake-quant model (FP folded weights, steps, rounding) as safetensors."""
+    state = {k: v.detach().cpu().contiguous() for k, v in qmodel.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_state(qmodel: QuantModel, path: Path) -> None:
+    state = load_file(str(path))
+    missing, unexpected = qmodel.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{path} does not match this model/config ({len(missing)} missing, {len(unexpected)} unexpected keys)")
+    for aq in qmodel.act_quantizers():
+        aq.scale.requires_grad_(False)
+
+
+class RunStore:
+    """Progress of one run in `out/`; refuses a folder that holds a different config."""
+
+    def __init__(self, out: str | Path, config: dict[str, Any]) -> None:
+        self.out = Path(out)
+        self.config = config
+        cfg_path = self.out / CONFIG
+        if cfg_path.exists():
+            old = json.loads(cfg_path.read_text())
+            if old != config:
+                diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+                raise ConfigError(f"{self.out} holds a run with a different config (differs in: {', '.join(diff)}); "
+                                  "use another --out or delete the folder")
+        self.out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(cfg_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    def restore(self, qmodel: QuantModel) -> tuple[int, list]:
+        """Load the saved progress into `qmodel`; returns (units done, their stats)."""
+        prog, state = self.out / PROGRESS, self.out / PROGRESS_STATE
+        if not (prog.exists() and state.exists()):
+            return 0, []
+        info = json.loads(prog.read_text())
+        load_state(qmodel, state)
+        from metaaug.recon.engine import UnitStats
+
+        return int(info["units_done"]), [UnitStats(**s) for s in info["units"]]
+
+    def save(self, qmodel: QuantModel, units_done: int, stats: list) -> None:
+        save_state(qmodel, self.out / PROGRESS_STATE)
+        _atomic_write(self.out / PROGRESS, json.dumps(
+            {"units_done": units_done, "units": [dataclasses.asdict(s) for s in stats]}, indent=2) + "\n")
+
+    def finish(self, qmodel: QuantModel, report: dict[str, Any]) -> None:
+        save_state(qmodel, self.out / QUANTIZED)
+        _atomic_write(self.out / REPORT, json.dumps(report, indent=2) + "\n")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+

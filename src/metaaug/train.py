@@ -1,0 +1,80 @@
+"""Train the bundled FP models on Fashion-MNIST (the recipe recorded in the model card).
+
+Run as `python -m metaaug.train --model resnet20 --epochs 15 --out src/metaaug/models/weights/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from metaaug.data import load_dataset
+from metaaug.evaluate import top1
+from metaaug.models.registry import BUNDLED
+
+
+def augment(x: torch.Tensor, pad: int = 2) -> torch.Tensor:
+    """Random shift by up to `pad` pixels (zero-padded crop) and horizontal flip, per image."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), value=float(x.min()))
+    dx, dy = torch.randint(0, 2 * pad + 1, (2, n))
+    rows = (dy[:, None] + torch.arange(h)[None]).clamp_max(h + 2 * pad - 1)
+    cols = (dx[:, None] + torch.arange(w)[None])
+    out = padded[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    flip = torch.rand(n) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out.contiguous()
+
+
+def train(name: str, epochs: int, batch: int, lr: float, wd: float, seed: int, out: Path) -> dict:
+    torch.manual_seed(seed)
+    train_ds, test_ds = load_dataset(None, "train"), load_dataset(None, "test")
+    model = BUNDLED[name]().to(memory_format=torch.channels_last)  # ~1.3-1.9x faster convs on CPU
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd, nesterov=True)
+    steps = epochs * (len(train_ds) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    start = time.time()
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(len(train_ds))
+        for i in range(len(train_ds) // batch):
+            idx = perm[i * batch : (i + 1) * batch]
+            xb = augment(train_ds.images[idx]).to(memory_format=torch.channels_last)
+            loss = F.cross_entropy(model(xb), train_ds.labels[idx], label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        acc = top1(model.eval(), test_ds)
+        print(f"{name} epoch {epoch + 1}/{epochs} loss {loss.item():.3f} test top-1 {acc:.2f} ({time.time() - start:.0f}s)", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"{name}_fmnist.safetensors"))
+    card = {"model": name, "test_top1": round(acc, 2), "epochs": epochs, "batch": batch, "max_lr": lr, "weight_decay": wd,
+            "seed": seed, "optimizer": "SGD nesterov 0.9, OneCycle (15% warm-up), label smoothing 0.1",
+            "augmentation": "random 2-pixel shift + horizontal flip", "seconds": round(time.time() - start),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    (out / f"{name}_fmnist.json").write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", choices=sorted(BUNDLED), required=True)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.2)
+    p.add_argument("--wd", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "models" / "weights")
+    a = p.parse_args()
+    print(json.dumps(train(a.model, a.epochs, a.batch, a.lr, a.wd, a.seed, a.out)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""End-to-end behaviour on the bundled ResNet-20 at tiny iteration counts (accuracy claims live in bench/)."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from metaaug import quantize
+from metaaug.cli.app import app
+from metaaug.evaluate import top1
+from metaaug.quant import QuantSpec
+from metaaug.store import RunStore
+
+runner = CliRunner()
+
+
+def state_of(qmodel):
+    return {k: v.clone() for k, v in qmodel.state_dict().items()}
+
+
+def test_qdrop_beats_rtn_at_w2a4(resnet20, calib256, fmnist_test_small):
+    spec = QuantSpec(2, 4)
+    rtn = quantize(resnet20, calib256.images, "rtn", spec, device="cpu")
+    qdrop = quantize(resnet20, calib256.images, method_cfg("qdrop", 150), spec, device="cpu")
+    acc_rtn, acc_qdrop = top1(rtn, fmnist_test_small), top1(qdrop, fmnist_test_small)
+    assert acc_qdrop > acc_rtn + 10, (acc_rtn, acc_qdrop)
+
+
+def method_cfg(name, iters):
+    from metaaug.methods import method_config
+
+    return method_config(name, iters=iters)
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAfter:
+    """Progress callback that kills the run after `n` finished units, like Ctrl-C would."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def unit_start(self, *a):
+        pass
+
+    def advance(self, *a):
+        pass
+
+    def unit_end(self, index, stats):
+        if index + 1 == self.n:
+            raise Interrupt
+
+
+def test_resume_after_interrupt_equals_uninterrupted_run(resnet20, calib256, tmp_path):
+    cfg = method_cfg("qdrop", 20)
+    imgs = calib256.images[:64]
+    full = quantize(resnet20, imgs, cfg, QuantSpec(2, 4), seed=1, device="cpu")
+    store = RunStore(tmp_path, {"x": 1})
+    with pytest.raises(Interrupt):
+        quantize(resnet20, imgs, cfg, QuantSpec(2, 4), seed=1, device="cpu", store=store, progress=StopAfter(4))
+    assert json.loads((tmp_path / "progress.json").read_text())["units_done"] == 4
+    resumed = quantize(resnet20, imgs, cfg, QuantSpec(2, 4), seed=1, device="cpu", store=RunStore(tmp_path, {"x": 1}))
+    a, b = state_of(full), state_of(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+    x = imgs[:16]
+    assert torch.equal(full(x), resumed(x))
+
+
+def test_same_seed_same_result_different_seed_differs(resnet20, calib256):
+    cfg, imgs = method_cfg("qdrop", 10), calib256.images[:48]
+    a = quantize(resnet20, imgs, cfg, QuantSpec(2, 4), seed=0, device="cpu")
+    b = quantize(resnet20, imgs, cfg, QuantSpec(2, 4), seed=0, device="cpu")
+    c = quantize(resnet20, imgs, cfg, QuantSpec(2, 4), seed=5, device="cpu")
+    x = imgs[:8]
+    assert torch.equal(a(x), b(x))
+    assert not torch.equal(a(x), c(x))
+
+
+def test_cli_quantize_writes_report_and_eval_reproduces(tmp_path):
+    out = tmp_path / "run"
+    args = ["quantize", "--model", "resnet20", "--method", "qdrop", "--wbits", "2", "--abits", "4",
+            "--calib-size", "64", "--iters", "5", "--seed", "0", "--out", str(out)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    for key in ("model", "method", "wbits", "abits", "calib_size", "iters", "seed", "fp_top1", "quant_top1",
+                "calib_top1", "seconds"):
+        assert key in report
+    assert report["fp_top1"] >= 93.0 and 0 <= report["quant_top1"] <= 100
+    assert (out / "quantized.safetensors").exists()
+    assert all("ms_per_iter" in u for u in report["units"])
+    res = runner.invoke(app, ["eval", "--run", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["quant_top1"] == report["quant_top1"]

@@ -1,0 +1,90 @@
+"""MetaAug: the meta-gradient reaches T, T starts at the identity, and a short run writes what it should."""
+
+import json
+
+import pytest
+import torch
+from conftest import TinyNet, randomize_bn
+from typer.testing import CliRunner
+
+from metaaug.cli.app import app
+from metaaug.errors import ConfigError
+from metaaug.methods.meta_losses import margin, pkt
+from metaaug.methods.metaaug import MetaAugConfig, MetaAugReconstructor
+from metaaug.methods.transform import TransformNet
+from metaaug.quant import QuantSpec, prepare
+
+runner = CliRunner()
+
+
+def probe(model, images, inner, k=1):
+    q = prepare(model, QuantSpec(2, 2))
+    eng = MetaAugReconstructor(q, MetaAugConfig(inner_optimizer=inner, meta_batch=16), seed=0)
+    return eng.gradient_probe(images, k)
+
+
+def test_validation_gradient_reaches_t_and_dwarfs_fresh_adam():
+    torch.manual_seed(0)
+    model, x = randomize_bn(TinyNet()), torch.randn(64, 1, 28, 28)
+    sgd, adam = probe(model, x, "sgd"), probe(model, x, "adam_fresh")
+    assert sgd["kl"] > 0
+    assert sgd["kl"] >= 100 * adam["kl"], (sgd, adam)
+
+
+def test_validation_gradient_on_trained_resnet20(resnet20, calib256):
+    sgd = probe(resnet20, calib256.images[:64], "sgd", k=2)
+    adam = probe(resnet20, calib256.images[:64], "adam_fresh", k=2)
+    assert sgd["kl"] > 0 and sgd["kl"] >= 100 * adam["kl"], (sgd, adam)
+
+
+def test_transform_is_identity_at_init():
+    t = TransformNet(1, 8)
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(t(x), x)
+    t3 = TransformNet(3, 8)
+    x3 = torch.randn(2, 3, 31, 17)  # odd sizes: skips are resized
+    assert torch.equal(t3(x3), x3)
+
+
+def test_margin_is_zero_once_t_moves_x_by_more_than_eps():
+    x = torch.zeros(4, 1, 8, 8)
+    assert float(margin(x + 0.5, x, eps=0.1)) == 0.0  # mean squared change 0.25 > 0.1
+    assert float(margin(x + 0.1, x, eps=0.1)) == pytest.approx(0.09)
+    assert float(margin(x, x, eps=0.1)) == pytest.approx(0.1)
+
+
+def test_pkt_is_zero_for_identical_features_and_positive_otherwise():
+    f = torch.randn(8, 16)
+    assert float(pkt(f, f)) == pytest.approx(0.0, abs=1e-6)
+    assert float(pkt(torch.randn(8, 16), f)) > 0
+
+
+def test_bad_metaaug_options_are_named():
+    with pytest.raises(ConfigError, match="inner_optimizer"):
+        MetaAugConfig(inner_optimizer="lbfgs")
+    with pytest.raises(ConfigError, match="unknown MetaAug loss term"):
+        MetaAugConfig(terms=("kl", "typo"))
+
+
+def run_metaaug(out, seed=0):
+    args = ["quantize", "--method", "metaaug", "--wbits", "2", "--abits", "2", "--calib-size", "80", "--iters", "4",
+            "--meta-iters", "3", "--holdout", "0.2", "--seed", str(seed), "--out", str(out)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    return json.loads((out / "report.json").read_text())
+
+
+def test_short_metaaug_run_writes_report_and_pngs_and_is_reproducible(tmp_path):
+    a = run_metaaug(tmp_path / "a")
+    for key in ("holdout_top1", "meta_seconds", "recon_seconds", "meta_units", "quant_top1", "calib_top1"):
+        assert key in a
+    assert a["validation"] == "holdout" and a["calib_size"] == 80
+    unit = a["meta_units"][0]
+    for key in ("kl", "margin", "pkt", "grad_kl", "meta_iters", "ms_per_meta_iter"):
+        assert key in unit
+    assert len(a["meta_units"]) == 9  # 9 blocks; first conv and last linear skip the meta phase
+    for png in ("transforms.png", "meta_losses.png"):
+        assert (tmp_path / "a" / png).stat().st_size > 1000
+    b = run_metaaug(tmp_path / "b")
+    assert (a["quant_top1"], a["calib_top1"], a["holdout_top1"]) == (b["quant_top1"], b["calib_top1"], b["holdout_top1"])
+    assert [u["kl"] for u in a["meta_units"]] == [u["kl"] for u in b["meta_units"]]

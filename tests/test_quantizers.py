@@ -1,0 +1,126 @@
+import pytest
+import torch
+
+from metaaug.errors import ConfigError
+from metaaug.quant.quantizers import ActQuantizer, WeightQuantizer, lp_search_channel, lsq_fake_quant
+from metaaug.recon.loss import beta_at
+
+
+def make_wq(bits=4, shape=(6, 3, 3, 3), seed=0):
+    torch.manual_seed(seed)
+    w = torch.randn(shape)
+    wq = WeightQuantizer(bits, shape[0], len(shape))
+    wq.init_scale(w)
+    return w, wq
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_nearest_weights_lie_on_the_per_channel_grid(bits):
+    w, wq = make_wq(bits)
+    q = wq(w)
+    ints = q / wq.scale + wq.zero_point
+    assert torch.allclose(ints, ints.round(), atol=1e-4)
+    assert ints.min() >= -1e-4 and ints.max() <= 2**bits - 1 + 1e-4
+    # per channel: every channel has its own scale
+    assert wq.scale.flatten().unique().numel() == w.shape[0]
+
+
+def test_lp_search_beats_full_range_at_2_bits():
+    torch.manual_seed(0)
+    w = torch.randn(8, 100)
+    s, z = lp_search_channel(w, 2)
+    full = (w.max(1).values - w.min(1).values) / 3
+    assert (s < full).all(), "clipping should shrink the 2-bit range for Gaussian weights"
+    err_search = (((w / s[:, None]).round() + z[:, None]).clamp(0, 3) - z[:, None]) * s[:, None] - w
+    zf = (-w.min(1).values / full).round()
+    err_full = (((w / full[:, None]).round() + zf[:, None]).clamp(0, 3) - zf[:, None]) * full[:, None] - w
+    assert err_search.abs().pow(2.4).sum() < err_full.abs().pow(2.4).sum()
+
+
+def test_adaround_starts_at_fp_weights_and_hardens_to_grid():
+    w, wq = make_wq(4)
+    w = w * 0.3  # keep inside the clipped range so soft init reproduces w exactly
+    wq.init_scale(w)
+    wq.scale.data *= 2
+    wq.init_rounding(w)
+    soft = wq(w)
+    inside = (w / wq.scale + wq.zero_point > 0.01) & (w / wq.scale + wq.zero_point < 14.99)
+    assert torch.allclose(soft[inside], w[inside], atol=1e-3)
+    wq.harden()
+    hard = wq(w)
+    ints = hard / wq.scale + wq.zero_point
+    assert torch.allclose(ints, ints.round(), atol=1e-4)
+    # hard rounding picks floor or ceil of w/s, never further away
+    assert ((hard - w).abs() <= wq.scale + 1e-5).all()
+
+
+def test_rounding_penalty_is_zero_at_binary_h_and_positive_between():
+    _, wq = make_wq(3)
+    w = torch.randn(6, 3, 3, 3)
+    wq.init_rounding(w)
+    wq.alpha.data.fill_(10.0)  # h -> 1
+    assert float(wq.round_penalty(2.0).detach()) == pytest.approx(0.0, abs=1e-6)
+    wq.alpha.data.fill_(0.0)  # h = 0.5
+    assert float(wq.round_penalty(2.0).detach()) == pytest.approx(wq.alpha.numel(), rel=1e-5)
+
+
+def test_rounding_penalty_gradient_reaches_alpha():
+    w, wq = make_wq(2)
+    wq.init_rounding(w)
+    wq.round_penalty(2.0).backward()
+    assert wq.alpha.grad is not None and wq.alpha.grad.abs().sum() > 0
+
+
+def test_beta_schedule_warms_up_then_anneals_20_to_2():
+    assert beta_at(0, 1000, 0.2) is None and beta_at(199, 1000, 0.2) is None
+    assert beta_at(200, 1000, 0.2) == pytest.approx(20.0)
+    assert beta_at(999, 1000, 0.2) == pytest.approx(2.0, abs=0.05)
+
+
+def test_lsq_gradients_match_the_ste_formula():
+    torch.manual_seed(0)
+    x = (torch.randn(200) * 2).requires_grad_(True)
+    s = torch.tensor([0.3], requires_grad=True)
+    g = torch.randn(200)
+    (lsq_fake_quant(x, s, -2, 1) * g).sum().backward()
+    # reference: straight-through round, autograd through clamp
+    x2, s2 = x.detach().clone().requires_grad_(True), s.detach().clone().requires_grad_(True)
+    xs = x2 / s2
+    ref = (xs + (xs.round() - xs).detach()).clamp(-2, 1) * s2
+    (ref * g).sum().backward()
+    assert torch.allclose(x.grad, x2.grad)
+    assert torch.allclose(s.grad, s2.grad, atol=1e-5)
+
+
+def test_act_quantizer_unsigned_after_relu_and_signed_otherwise():
+    aq = ActQuantizer(4)
+    aq.init_from(torch.rand(1000))
+    assert not bool(aq.signed) and aq.bounds == (0, 15)
+    aq.init_from(torch.randn(1000))
+    assert bool(aq.signed) and aq.bounds == (-8, 7)
+    aq.enabled = True
+    y = aq(torch.randn(1000))
+    assert (y / aq.scale).round().unique().numel() <= 16
+
+
+def test_qdrop_mixes_quantized_and_fp_values_with_probability_p():
+    torch.manual_seed(0)
+    aq = ActQuantizer(2)
+    x = torch.rand(20000) * 3
+    aq.init_from(x)
+    aq.enabled, aq.quant_prob = True, 0.5
+    q = lsq_fake_quant(x, aq.scale.detach(), 0, 3)
+    y = aq(x)
+    differs = q != x
+    took_q = (y == q) & differs
+    frac = took_q.sum() / differs.sum()
+    assert 0.45 < float(frac) < 0.55
+    assert ((y == q) | (y == x)).all()
+
+
+@pytest.mark.parametrize("bad", [1, 9, 0, 2.5, "4"])
+def test_bits_outside_2_to_8_are_rejected(bad):
+    with pytest.raises(ConfigError, match=r"2\.\.8"):
+        WeightQuantizer(bad, 4, 4)
+    with pytest.raises(ConfigError, match=r"2\.\.8"):
+        ActQuantizer(bad)
