@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
 
-from metaaug.pipeline import RunConfig, run_job  # noqa: E402
+from metaaug.pipeline import RunConfig, run_job
 
 
 def parse_variant(text: str) -> tuple[str, str, dict]:

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from conftest import TinyNet, randomize_bn
 from typer.testing import CliRunner
 
+from conftest import TinyNet, randomize_bn
 from metaaug.cli.app import app
 from metaaug.errors import ConfigError
 from metaaug.methods.meta_losses import margin, pkt

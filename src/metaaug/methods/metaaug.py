@@ -22,7 +22,7 @@ from metaaug.errors import ConfigError
 from metaaug.methods.configs import QDropConfig, register
 from metaaug.methods.meta_losses import distill_kl, margin, mixup_pair, pkt
 from metaaug.methods.transform import TransformNet
-from metaaug.quant.quantizers import ActQuantizer, WeightQuantizer
+from metaaug.quant.quantizers import ActQuantizer, WeightQuantizer, qdrop_mix
 from metaaug.recon.engine import ENGINES, Reconstructor, UnitData, fp_mode
 from metaaug.recon.loss import output_error
 from metaaug.recon.stepper import GraphStepper, map_chunks
@@ -56,7 +56,7 @@ class MetaAugConfig(QDropConfig):
     lr_t: float = 1e-3
     clip: float = 0.1
     inner_optimizer: str = "sgd"
-    inner_lr: float = 1e-3
+    inner_lookahead: float = 500.0
     balance: str = "cap"
     aux_cap: float = 0.5
     t_width: int = 16
@@ -128,6 +128,7 @@ class MetaAugReconstructor(Reconstructor):
         self.meta_units = list(range(1, n - 1))  # first conv and last linear skip the meta phase
         self.snapshots: list[tuple[str, torch.Tensor]] = [("x", images[:8].clone())]
 
+    @torch.no_grad()
     def after_unit(self, k: int, unit: nn.Module) -> None:
         self.val_stepper.advance_to(k)
         self.val_stepper.step()
@@ -152,19 +153,22 @@ class MetaAugReconstructor(Reconstructor):
         return q_args, fp_args
 
     def _inner_step(self, loss: torch.Tensor, theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """theta' = theta - step(grad), differentiable in grad. Each group uses its reconstruction lr."""
         cfg: MetaAugConfig = self.cfg
         grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True, allow_unused=True)
         out = {}
         for (name, p), g in zip(theta.items(), grads, strict=True):
+            lr = cfg.lr_round if name.endswith("alpha") else cfg.lr_act
             if g is None:
                 out[name] = p
             elif cfg.inner_optimizer == "sgd":
-                # differentiable SGD; the step is scaled by the (detached) gradient RMS so it has Adam's
-                # magnitude while staying linear in the gradient, i.e. carrying second-order signal to T
-                out[name] = p - cfg.inner_lr * g / (g.detach().pow(2).mean().sqrt() + 1e-12)
+                # differentiable SGD, as long as `inner_lookahead` Adam steps of the reconstruction: the gradient is
+                # divided by its (detached) RMS, so the step stays linear in the gradient (second-order signal to T)
+                out[name] = p - cfg.inner_lookahead * lr * g / (g.detach().pow(2).mean().sqrt() + 1e-12)
             else:
-                # the released code: a fresh Adam state each step; its first step is lr * g / (|g| + eps)
-                out[name] = p - cfg.inner_lr * g / (g.abs() + 1e-8)
+                # the released code: a fresh Adam state each step, whose first step is lr * g / (|g| + eps):
+                # nearly constant in g, so almost no signal flows back to T
+                out[name] = p - lr * g / (g.abs() + 1e-8)
         return out
 
     def _inner_params(self, unit: nn.Module) -> dict[str, torch.Tensor]:
@@ -186,8 +190,7 @@ class MetaAugReconstructor(Reconstructor):
         q_in, fp_in = self._prefix(k, tx)
         with fp_mode(self.qmodel):
             fp_out = unit(*fp_in)
-        mixed = [torch.where(torch.rand_like(q) < cfg.quant_prob, q, f) if isinstance(q, torch.Tensor) else q
-                 for q, f in zip(q_in, fp_in, strict=True)]
+        mixed = [qdrop_mix(q, f, cfg.quant_prob) if isinstance(q, torch.Tensor) else q for q, f in zip(q_in, fp_in, strict=True)]
         # the meta phase precedes reconstruction, i.e. lies in the rounding regulariser's warm-up: no rounding term
         train_loss = output_error(functional_call(unit, theta, tuple(mixed)), fp_out)
         new_theta = self._inner_step(train_loss, theta)
@@ -267,7 +270,8 @@ class MetaAugReconstructor(Reconstructor):
     # ---- engine hooks ---------------------------------------------------------------------------------
     def extra_data(self, k: int, unit: nn.Module, data: UnitData) -> UnitData | None:
         cfg: MetaAugConfig = self.cfg
-        self.val_stepper.advance_to(k)
+        with torch.no_grad():
+            self.val_stepper.advance_to(k)
         if k in self.meta_units:
             steps = cfg.meta_iters_for(self.meta_units.index(k), len(self.meta_units))
             theta = self._inner_params(unit)

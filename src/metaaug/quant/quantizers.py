@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -24,33 +26,61 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (x.round() - x).detach()
 
 
+def keep_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """0/1 mask, 1 with probability p. For p = 0.5 on CPU it unpacks random bytes into bits: the CPU generator is
+    serial, so drawing one byte per 8 elements is ~2x cheaper than `rand_like` on the reconstruction hot path."""
+    n = math.prod(shape)
+    if p == 0.5 and device.type == "cpu":
+        raw = torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8)
+        bits = (raw.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
+        return bits.flatten()[:n].view(shape).to(dtype)
+    return (torch.rand(shape, device=device) < p).to(dtype)
+
+
+def qdrop_mix(quantized: torch.Tensor, fp: torch.Tensor, p: float) -> torch.Tensor:
+    """QDrop: each element takes the quantized value with probability p, else the FP value (exact, no blending)."""
+    if p >= 1.0:
+        return quantized
+    return torch.lerp(fp, quantized, keep_mask(quantized.shape, p, quantized.device, quantized.dtype))
+
+
 class _LSQFakeQuant(torch.autograd.Function):
-    """`clamp(round(x/s), lo, hi) * s` with the LSQ gradients, in one node (fewer kernels on the hot path)."""
+    """`clamp(round(x/s), lo, hi) * s`, optionally QDrop-mixed with x by a 0/1 mask, in one autograd node.
+
+    Gradients are those of the round-then-clamp straight-through estimator (BRECQ/QDrop) with LSQ's step
+    gradient (Esser et al. 2020), precomputed in the forward so the backward is one multiply and one dot product:
+    ~4x faster than composing the ops, which matters because this runs twice per block per iteration.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor:
         xs = x / scale
-        q = xs.round().clamp_(lo, hi)
-        ctx.save_for_backward(xs, scale)
-        ctx.lo, ctx.hi = lo, hi
-        return q * scale
+        r = xs.round()
+        rc = r.clamp(lo, hi)
+        inside = (rc == r).to(x.dtype)
+        q = rc * scale
+        want_s = ctx.needs_input_grad[1]
+        if mask is None:
+            out, passthrough = q, inside
+            dq = rc - xs * inside if want_s else None
+        else:
+            out = torch.lerp(x, q, mask)
+            passthrough = 1 - mask * (1 - inside)
+            dq = mask * (rc - xs * inside) if want_s else None
+        ctx.save_for_backward(passthrough, dq)
+        ctx.scale_shape = scale.shape
+        return out
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        xs, scale = ctx.saved_tensors
-        r = xs.round()
-        inside = (r >= ctx.lo) & (r <= ctx.hi)  # round-then-clamp STE, as in BRECQ/QDrop
-        grad_x = g * inside
-        grad_s = None
-        if ctx.needs_input_grad[1]:
-            # d(out)/ds: round(xs) - xs inside the range, the clip level outside (LSQ, Esser et al. 2020)
-            dq = torch.where(inside, r - xs, r.clamp(ctx.lo, ctx.hi))
-            grad_s = (g * dq).sum().reshape(scale.shape)
-        return grad_x, grad_s, None, None
+        passthrough, dq = ctx.saved_tensors
+        grad_s = None if dq is None else torch.dot(g.reshape(-1), dq.reshape(-1)).reshape(ctx.scale_shape)
+        return g * passthrough, grad_s, None, None, None
 
 
-def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    return _LSQFakeQuant.apply(x, scale, lo, hi)
+def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int, quant_prob: float = 1.0) -> torch.Tensor:
+    mask = None if quant_prob >= 1.0 else keep_mask(x.shape, quant_prob, x.device, x.dtype)
+    return _LSQFakeQuant.apply(x, scale, mask, lo, hi)
 
 
 def lp_search_channel(w: torch.Tensor, bits: int, p: float = 2.4, grid: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +193,8 @@ class ActQuantizer(nn.Module):
     """Per-tensor activation quantizer with a learnable step (LSQ) and QDrop's element-wise drop.
 
     Unsigned `[0, 2^b - 1]` when the calibration tensor is non-negative, else signed symmetric.
-    `quant_prob` < 1 makes each element take the quantized value with that probability (QDrop, training only).
+    `quant_prob` < 1 makes each element take the quantized value with that probability (QDrop; the engine
+    sets it during reconstruction only).
     """
 
     def __init__(self, bits: int) -> None:
@@ -201,10 +232,7 @@ class ActQuantizer(nn.Module):
         if not self.enabled:
             return x
         lo, hi = self.bounds
-        q = lsq_fake_quant(x, self.scale, lo, hi)
-        if self.quant_prob < 1.0 and self.training:
-            return torch.where(torch.rand_like(x) < self.quant_prob, q, x)
-        return q
+        return lsq_fake_quant(x, self.scale, lo, hi, self.quant_prob)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={bool(self.signed)}"

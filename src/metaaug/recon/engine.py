@@ -17,6 +17,7 @@ from torch import nn
 
 from metaaug.methods.configs import ReconConfig
 from metaaug.quant.prepare import QuantModel
+from metaaug.quant.quantizers import qdrop_mix
 from metaaug.recon.loss import beta_at, output_error, rounding_penalty
 from metaaug.recon.stepper import GraphStepper, map_chunks
 
@@ -53,8 +54,7 @@ class UnitData:
                 continue
             qb = q[idx].to(device, non_blocking=True)
             if quant_prob < 1.0:
-                fb = f[idx].to(device, non_blocking=True)
-                qb = torch.where(torch.rand_like(qb) < quant_prob, qb, fb)
+                qb = qdrop_mix(qb, f[idx].to(device, non_blocking=True), quant_prob)
             inputs.append(qb)
         out = self.fp_out
         target = out[idx].to(device) if isinstance(out, torch.Tensor) else tuple(o[idx].to(device) for o in out)
@@ -144,15 +144,17 @@ class Reconstructor:
         self.begin(images)
         for k, name in enumerate(qm.unit_names):
             unit = qm.unit(k)
-            with fp_mode(qm):
+            with fp_mode(qm), torch.no_grad():
                 fp_in = fp.advance_to(k)
-            q_in = q.advance_to(k)
+            with torch.no_grad():
+                q_in = q.advance_to(k)
             if k < done:
                 qm.set_quant(True, True, unit)
                 self.after_unit(k, unit)
-                with fp_mode(qm):
-                    fp.step()
-                q.step()
+                with torch.no_grad():
+                    with fp_mode(qm):
+                        fp.step()
+                    q.step()
                 continue
             torch.manual_seed(self.seed * 100_003 + k)
             with fp_mode(qm), torch.no_grad():
@@ -170,7 +172,8 @@ class Reconstructor:
             self.after_unit(k, unit)
             with fp_mode(qm):
                 fp.step(fp_out)
-            q.step()
+            with torch.no_grad():
+                q.step()
             self.stats.append(stats)
             if self.store:
                 self.store.save(qm, k + 1, self.stats)
