@@ -38,6 +38,7 @@ def test_cli_rejects_bad_input_with_one_line(tmp_path, extra, message):
     assert message in " ".join(res.output.split())
     assert "Traceback" not in res.output
     assert not (out / "report.json").exists()
+    assert not (out / "config.json").exists(), "a refused run must not claim the run folder"
 
 
 def test_mismatched_weights_file(tmp_path):

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from metaaug.api import engine_for, quantize, resolve_device
-from metaaug.data import calibration_split, load_dataset
+from metaaug.api import check_calibration, engine_for, quantize, resolve_device
+from metaaug.data import load_dataset
 from metaaug.errors import ConfigError
 from metaaug.evaluate import top1
 from metaaug.methods.configs import method_config
@@ -20,6 +20,7 @@ from metaaug.models.registry import build_model
 from metaaug.quant.prepare import QuantModel, QuantSpec, prepare
 from metaaug.recon.engine import Progress
 from metaaug.store import QUANTIZED, RunStore, load_state, read_json
+from metaaug.synth.data import calibration_set
 
 
 @dataclass
@@ -39,6 +40,8 @@ class RunConfig:
     holdout: float = 0.0
     units: list[str] | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    calib_source: str = "real"
+    synth: str | None = None
 
     def spec(self) -> QuantSpec:
         return QuantSpec(self.wbits, self.abits, fold_bn=self.fold_bn)
@@ -51,7 +54,10 @@ class RunConfig:
 
     def identity(self) -> dict[str, Any]:
         """The config as stored: run options plus the fully resolved method config."""
-        return {**dataclasses.asdict(self), "method_config": self.method_cfg().to_dict()}
+        run = dataclasses.asdict(self)
+        if self.calib_source == "real" and self.synth is None:  # real-data configs stay as before, so their runs resume
+            del run["calib_source"], run["synth"]
+        return {**run, "method_config": self.method_cfg().to_dict()}
 
 
 def build_quant_model(cfg: RunConfig) -> QuantModel:
@@ -63,6 +69,8 @@ def build_quant_model(cfg: RunConfig) -> QuantModel:
 def load_run(run_dir: str | Path, device: str = "auto") -> tuple[QuantModel, RunConfig, dict]:
     """Rebuild a finished run's quantized model from its folder."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder {run_dir} does not exist")
     if not (run_dir / QUANTIZED).exists():
         raise ConfigError(f"{run_dir} holds no finished run ({QUANTIZED} missing)")
     stored = read_json(run_dir / "config.json")
@@ -83,7 +91,8 @@ def run_job(cfg: RunConfig, out: str | Path, device: str = "auto", progress: Pro
     dev = resolve_device(device)
     model = build_model(cfg.model, cfg.weights)
     train, test = load_dataset(cfg.data_dir, "train"), load_dataset(cfg.data_dir, "test")
-    calib, holdout = calibration_split(train, cfg.calib_size, cfg.seed, cfg.holdout)
+    calib, holdout = calibration_set(train, cfg.calib_source, cfg.synth, cfg.calib_size, cfg.seed, cfg.holdout)
+    check_calibration(calib.images, mcfg.batch_size)  # before the run folder exists: a refused run leaves nothing behind
     store = RunStore(out, cfg.identity())
     fp_top1 = top1(model.to(dev), test, device=dev)
     engine_kwargs = engine_for(mcfg).job_kwargs(holdout=holdout, out_dir=Path(out))
@@ -93,6 +102,7 @@ def run_job(cfg: RunConfig, out: str | Path, device: str = "auto", progress: Pro
     report: dict[str, Any] = {
         "model": cfg.model, "method": cfg.method, "wbits": cfg.wbits, "abits": cfg.abits,
         "calib_size": cfg.calib_size, "iters": mcfg.iters, "seed": cfg.seed,
+        "calib_source": cfg.calib_source, "synth": cfg.synth, "calib_images": len(calib) + (0 if holdout is None else len(holdout)),
         "fp_top1": round(fp_top1, 2),
         "quant_top1": round(top1(qmodel, test, device=dev), 2),
         "calib_top1": round(top1(qmodel, calib, device=dev), 2),

@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-# Spinning OpenMP workers: measured 2-3x faster reconstruction steps than PASSIVE on 2 cores, idle or shared
-# (libgomp's default policy stalled 10-100x when another process shared the cores). Override by setting it.
-os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+# Sleeping OpenMP workers: libgomp's default and ACTIVE spinning stall 10-100x when other processes share the
+# cores (measured here); the reconstruction loop runs single-threaded instead (see recon.engine.loop_threads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from metaaug.errors import MetaAugError
 
@@ -30,7 +31,7 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except MetaAugError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
     return wrapper
 
@@ -54,6 +55,8 @@ def quantize(
     meta_iters: Annotated[int | None, typer.Option(help="MetaAug: meta steps per unit")] = None,
     holdout: Annotated[float, typer.Option(help="fraction of the calibration set held out (not reconstructed on) to estimate accuracy")] = 0.0,
     option: Annotated[list[str] | None, typer.Option("--set", help="method option key=value (repeatable), e.g. --set round_weight=0.1")] = None,
+    calib_source: Annotated[str, typer.Option(help="real | synthetic (--calib-size of --synth) | mixed (--calib-size real + all --synth)")] = "real",
+    synth: Annotated[str | None, typer.Option(help="folder written by `metaaug synth` (for --calib-source synthetic|mixed)")] = None,
 ) -> None:
     """Quantize a model and write report.json + quantized.safetensors to the run folder (resumes if interrupted)."""
     from metaaug.cli.progress import RichProgress, report_table
@@ -64,7 +67,7 @@ def quantize(
         options["meta_iters"] = meta_iters
     cfg = RunConfig(model=model, weights=weights, method=method, wbits=wbits, abits=abits, calib_size=calib_size,
                     iters=iters, seed=seed, data_dir=data_dir, fold_bn=not no_fold_bn,
-                    holdout=holdout,
+                    holdout=holdout, calib_source=calib_source, synth=synth,
                     units=units.split(",") if units else None, options=options)
     cfg.spec()
     cfg.method_cfg()
@@ -81,19 +84,32 @@ def quantize(
 @app.command("eval")
 @friendly
 def eval_(
-    run: Annotated[Path, typer.Option(help="run folder written by `metaaug quantize`")],
+    run: Annotated[Path | None, typer.Option(help="run folder written by `metaaug quantize`")] = None,
+    quantized: Annotated[Path | None, typer.Option(help="packed file from `metaaug export --format packed` (no FP checkpoint needed)")] = None,
     data_dir: Annotated[str | None, typer.Option()] = None,
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
-    """Rebuild the quantized model from a run folder and report its test top-1."""
+    """Rebuild the quantized model from a run folder or a packed file and report its test top-1."""
     from metaaug.data import load_dataset
     from metaaug.evaluate import top1
-    from metaaug.pipeline import load_run
 
-    qmodel, cfg, report = load_run(run, device)
-    acc = round(top1(qmodel, load_dataset(data_dir or cfg.data_dir, "test"), device=next(qmodel.parameters()).device), 2)
-    same = acc == report.get("quant_top1")
-    typer.echo(json.dumps({"run": str(run), "quant_top1": acc, "report_quant_top1": report.get("quant_top1"), "reproduced": same}))
+    if (run is None) == (quantized is None):
+        raise MetaAugError("give exactly one of --run or --quantized")
+    if quantized is not None:
+        from metaaug.api import resolve_device
+        from metaaug.export.pack import load_quantized, read_metadata
+
+        extra = read_metadata(quantized)["extra"]
+        qmodel, expected, data_dir = load_quantized(quantized, resolve_device(device)), extra.get("quant_top1"), data_dir or extra.get("data_dir")
+        source = {"quantized": str(quantized)}
+    else:
+        from metaaug.pipeline import load_run
+
+        qmodel, cfg, report = load_run(run, device)
+        expected, data_dir, source = report.get("quant_top1"), data_dir or cfg.data_dir, {"run": str(run)}
+    acc = round(top1(qmodel, load_dataset(data_dir, "test"), device=next(qmodel.parameters()).device), 2)
+    same = acc == expected
+    typer.echo(json.dumps({**source, "quant_top1": acc, "report_quant_top1": expected, "reproduced": same}))
     if not same:
         raise typer.Exit(1)
 
@@ -127,6 +143,10 @@ def parse_options(items: list[str]) -> dict:
         except json.JSONDecodeError:
             opts[key] = raw
     return opts
+
+
+import metaaug.cli.export_cmd  # noqa: E402,F401  (registers `metaaug export`)
+from metaaug.cli import synth_cmd  # noqa: E402,F401  (registers `metaaug synth`)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from metaaug.methods.configs import QDropConfig, register
 from metaaug.methods.meta_losses import distill_kl, margin, mixup_pair, pkt
 from metaaug.methods.transform import TransformNet
 from metaaug.quant.quantizers import ActQuantizer, WeightQuantizer, qdrop_mix
-from metaaug.recon.engine import ENGINES, Reconstructor, UnitData, fp_mode
+from metaaug.recon.engine import ENGINES, Reconstructor, UnitData, fp_mode, loop_threads, threads
 from metaaug.recon.loss import output_error
 from metaaug.recon.stepper import GraphStepper, map_chunks
 
@@ -181,8 +181,8 @@ class MetaAugReconstructor(Reconstructor):
                 theta[f"{name}.scale"] = mod.scale
         return {n: p.detach().clone().requires_grad_(True) for n, p in theta.items()}
 
-    def meta_terms(self, k: int, unit: nn.Module, theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The outer-loss terms for one meta step (each a scalar depending on T)."""
+    def meta_terms(self, k: int, unit: nn.Module, theta: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The outer-loss terms for one meta step, and the transformed batch T(x) they all depend on T through."""
         cfg: MetaAugConfig = self.cfg
         n = self.calib.shape[0]
         x = self.calib[torch.randint(n, (cfg.meta_batch,), generator=self.gen)].to(self.device)
@@ -214,49 +214,49 @@ class MetaAugReconstructor(Reconstructor):
             with torch.no_grad():
                 fx = self._features(mx)
             terms["pkt"] = pkt(self._features(mt), fx)
-        return terms
+        return terms, tx
 
     def _weights(self) -> dict[str, float]:
         cfg: MetaAugConfig = self.cfg
         return {"kl": cfg.alpha, "mse": cfg.alpha, "margin": cfg.beta, "pkt": cfg.gamma}
 
-    def term_grads(self, terms: dict[str, torch.Tensor]) -> tuple[dict[str, list[torch.Tensor]], dict[str, float]]:
-        """Each term's gradient on T's parameters, separately, and its norm."""
-        params = list(self.tnet.parameters())
+    @staticmethod
+    def term_grads(terms: dict[str, torch.Tensor], tx: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Each term's gradient with respect to the transformed images T(x), and its norm.
+
+        Every term reaches T only through T(x), so balancing in image space and back-propagating through T once
+        gives the same update as per-parameter gradients at a third of T's backward cost.
+        """
         grads, norms = {}, {}
-        names = list(terms)
-        for i, name in enumerate(names):
-            g = torch.autograd.grad(terms[name], params, retain_graph=i < len(names) - 1, allow_unused=True)
-            grads[name] = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params, strict=True)]
-            norms[name] = math.sqrt(sum(float(gi.pow(2).sum()) for gi in grads[name]))
+        for name, term in terms.items():
+            (g,) = torch.autograd.grad(term, tx, retain_graph=True, allow_unused=True)
+            grads[name] = torch.zeros_like(tx) if g is None else g
+            norms[name] = float(grads[name].norm())
         return grads, norms
 
     def meta_step(self, k: int, unit: nn.Module, theta: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One outer update of T: per-term gradients, weighted (or norm-balanced), clipped, Adam."""
+        """One outer update of T: per-term gradients on T(x), weighted and capped, one backward through T, Adam."""
         cfg: MetaAugConfig = self.cfg
-        params = list(self.tnet.parameters())
-        terms = self.meta_terms(k, unit, theta)
+        terms, tx = self.meta_terms(k, unit, theta)
         log: dict[str, float] = {name: float(v.detach()) for name, v in terms.items()}
-        grads, norms = self.term_grads(terms)
+        grads, norms = self.term_grads(terms, tx)
         weights = self._weights()
         val_norm = sum(weights[n] * norms[n] for n in ("kl", "mse") if n in norms)
-        total = [torch.zeros_like(p) for p in params]
+        combined = torch.zeros_like(tx)
         for name, g in grads.items():
             log[f"grad_{name}"] = norms[name]
             scale = weights[name]
             if cfg.balance == "cap" and name in ("margin", "pkt") and val_norm > 0 and scale * norms[name] > 0:
                 scale = min(scale, cfg.aux_cap * val_norm / norms[name])
-            for t, gi in zip(total, g, strict=True):
-                t.add_(gi, alpha=scale)
+            combined.add_(g, alpha=scale)
         self.t_opt.zero_grad(set_to_none=True)
-        for p, g in zip(params, total, strict=True):
-            p.grad = g
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        tx.backward(combined)
+        torch.nn.utils.clip_grad_norm_(self.tnet.parameters(), cfg.clip)
         self.t_opt.step()
         return log
 
     def gradient_probe(self, images: torch.Tensor, k: int) -> dict[str, float]:
-        """Gradient norm of each outer-loss term on T at unit `k` (earlier units left FP); T is not updated."""
+        """Norm of each outer-loss term's gradient on T's parameters at unit `k` (earlier units FP); T is not updated."""
         self.begin(images)
         unit = self.qmodel.unit(k)
         q_in = GraphStepper(self.qmodel, images, self.device).advance_to(k)
@@ -265,7 +265,14 @@ class MetaAugReconstructor(Reconstructor):
         self.init_quantizers(unit, UnitData(q_in, fp_in, None))
         self.val_stepper.advance_to(k)
         torch.manual_seed(self.seed)
-        return self.term_grads(self.meta_terms(k, unit, self._inner_params(unit)))[1]
+        terms, tx = self.meta_terms(k, unit, self._inner_params(unit))
+        grads, _ = self.term_grads(terms, tx)
+        params = list(self.tnet.parameters())
+        out = {}
+        for name, g in grads.items():
+            pg = torch.autograd.grad(tx, params, grad_outputs=g, retain_graph=True, allow_unused=True)
+            out[name] = math.sqrt(sum(float(x.pow(2).sum()) for x in pg if x is not None))
+        return out
 
     # ---- engine hooks ---------------------------------------------------------------------------------
     def extra_data(self, k: int, unit: nn.Module, data: UnitData) -> UnitData | None:
@@ -278,7 +285,8 @@ class MetaAugReconstructor(Reconstructor):
             curve: list[dict] = []
             start = time.perf_counter()
             for it in range(steps):
-                log = self.meta_step(k, unit, theta)
+                with threads(loop_threads()):
+                    log = self.meta_step(k, unit, theta)
                 if it % cfg.log_every == 0 or it == steps - 1:
                     curve.append({"step": it, **{n: round(v, 6) for n, v in log.items()}})
             secs = time.perf_counter() - start

@@ -1,0 +1,120 @@
+"""Export a finished run folder and check the result against the run's PyTorch fake-quant model.
+
+Shared by `metaaug export` and `bench/export.py`; results are merged into `<run>/export.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metaaug.data import load_dataset
+from metaaug.data.datasets import ImageDataset
+from metaaug.errors import ModelError
+from metaaug.evaluate import logits_of
+from metaaug.pipeline import RunConfig, load_run
+
+EXPORT_JSON = "export.json"
+
+
+def fp_checkpoint_path(cfg: RunConfig) -> Path | None:
+    """The FP checkpoint the run started from (the bundled one when `--weights` was not given)."""
+    from metaaug.models.registry import BUNDLED, bundled_weights
+
+    if cfg.weights is not None:
+        return Path(cfg.weights)
+    return bundled_weights(cfg.model) if cfg.model in BUNDLED else None
+
+
+def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * float((logits.argmax(1) == labels).float().mean())
+
+
+def record(run_dir: str | Path, results: dict[str, Any]) -> dict[str, Any]:
+    """Merge `results` into `<run>/export.json` (one file for both formats) and return the merged dict."""
+    path = Path(run_dir) / EXPORT_JSON
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged.update(results)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(merged, indent=2) + "\n")
+    os.replace(tmp, path)
+    return merged
+
+
+def _test_set(cfg: RunConfig, data_dir: str | None, limit: int | None) -> ImageDataset:
+    test = load_dataset(data_dir or cfg.data_dir, "test")
+    return test.subset(torch.arange(min(limit, len(test)))) if limit else test
+
+
+def export_onnx_run(run_dir: str | Path, out: str | Path, data_dir: str | None = None, limit: int | None = None,
+                    tol_top1: float = 0.1, min_agreement: float = 99.5, act_int4: bool = True) -> dict[str, Any]:
+    """Write the QDQ ONNX model, run it in onnxruntime on the test set and compare with PyTorch.
+
+    Raises ModelError (after recording the numbers) when top-1 differs by more than `tol_top1` points or fewer
+    than `min_agreement` % of the predictions agree.
+    """
+    from metaaug.export.onnx_export import export_onnx, onnx_logits, require_onnx
+
+    require_onnx()
+    qmodel, cfg, _ = load_run(run_dir, "cpu")
+    test = _test_set(cfg, data_dir, limit)
+    start = time.perf_counter()
+    export_onnx(qmodel, out, test.images[:1], act_int4=act_int4)
+    export_s = time.perf_counter() - start
+    ref = logits_of(qmodel, test.images)
+    got = onnx_logits(out, test.images, threads=torch.get_num_threads())
+    onnx_top1, torch_top1 = _top1(got, test.labels), _top1(ref, test.labels)
+    agreement = 100.0 * float((got.argmax(1) == ref.argmax(1)).float().mean())
+    results = {
+        "onnx_path": str(out), "onnx_bytes": Path(out).stat().st_size, "onnx_images": len(test),
+        "onnx_top1": round(onnx_top1, 2), "torch_top1": round(torch_top1, 2),
+        "onnx_agreement": round(agreement, 2), "max_abs_logit_diff": round(float((got - ref).abs().max()), 6),
+        "onnx_act_int4": act_int4, "onnx_export_seconds": round(export_s, 2),
+        "onnx_tolerance": {"top1_points": tol_top1, "min_agreement": min_agreement},
+    }
+    ok = abs(onnx_top1 - torch_top1) <= tol_top1 and agreement >= min_agreement
+    results["onnx_check"] = "passed" if ok else "failed"
+    record(run_dir, results)
+    if not ok:
+        raise ModelError(f"onnxruntime disagrees with the PyTorch fake-quant model: top-1 {onnx_top1:.2f} vs {torch_top1:.2f} "
+                         f"(tolerance {tol_top1} points), {agreement:.2f}% predictions agree (need {min_agreement}%), "
+                         f"max |logit diff| {results['max_abs_logit_diff']}")
+    return results
+
+
+def export_packed_run(run_dir: str | Path, out: str | Path, data_dir: str | None = None, limit: int | None = None) -> dict[str, Any]:
+    """Write the packed file, rebuild the model from it alone and check its logits equal the run's exactly."""
+    from metaaug.export.pack import load_quantized, save_packed
+
+    qmodel, cfg, report = load_run(run_dir, "cpu")
+    units = cfg.units if cfg.units is not None else cfg.method_cfg().units
+    extra = {"quant_top1": report.get("quant_top1"), "fp_top1": report.get("fp_top1"), "data_dir": cfg.data_dir,
+             "wbits": cfg.wbits, "abits": cfg.abits}
+    sizes = save_packed(qmodel, out, {"model": cfg.model, "method": cfg.method, "spec": dataclasses.asdict(cfg.spec()),
+                                      "units": units, "extra": extra})
+    test = _test_set(cfg, data_dir, limit)
+    ref = logits_of(qmodel, test.images)
+    got = logits_of(load_quantized(out), test.images)
+    diff = float((got - ref).abs().max())
+    ckpt = fp_checkpoint_path(cfg)
+    ckpt_bytes = ckpt.stat().st_size if ckpt is not None and ckpt.is_file() else None
+    results = {
+        "packed_path": str(out), "packed_bytes": sizes["file_bytes"],
+        "packed_weight_bytes": sizes["packed_weight_bytes"], "fp32_weight_bytes": sizes["fp32_weight_bytes"],
+        "fp_checkpoint_bytes": ckpt_bytes,
+        "compression_vs_checkpoint": round(ckpt_bytes / sizes["file_bytes"], 2) if ckpt_bytes else None,
+        "compression_weights": round(sizes["fp32_weight_bytes"] / sizes["packed_weight_bytes"], 2),
+        "packed_top1": round(_top1(got, test.labels), 2), "packed_torch_top1": round(_top1(ref, test.labels), 2),
+        "packed_max_abs_logit_diff": diff,
+    }
+    record(run_dir, results)
+    if diff != 0.0:
+        raise ModelError(f"the model rebuilt from {out} differs from the run's model (max |logit diff| {diff:g})")
+    return results
+
