@@ -24,6 +24,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from metaaug.pipeline import RunConfig, run_job
+from tables import mean_std, strip_run, write_results
 
 
 def parse_variant(text: str) -> tuple[str, str, dict]:
@@ -68,33 +69,20 @@ def summarise(reports: dict[str, dict], command: str, out: Path) -> None:
     for key, rep in reports.items():
         variant = key.split("-")[1]
         groups.setdefault((rep["model"], variant, f"W{rep['wbits']}A{rep['abits']}", rep["calib_size"]), []).append(rep)
-
-    def ms(vals: list[float]) -> str:
-        return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else f"{vals[0]:.2f}"
-
     rows = []
     for (model, variant, setting, calib), reps in sorted(groups.items()):
-        q = [r["quant_top1"] for r in reps]
-        gap = [r["calib_top1"] - r["quant_top1"] for r in reps]
-        row = {"model": model, "variant": variant, "setting": setting, "calib_size": calib, "seeds": len(reps),
-               "quant_top1": ms(q), "gap": ms(gap), "seconds": f"{statistics.mean(r['seconds'] for r in reps):.0f}",
-               "fp_top1": reps[0]["fp_top1"]}
         hold = [r["holdout_top1"] for r in reps if "holdout_top1" in r]
-        row["holdout_top1"] = ms(hold) if hold else "-"
         meta = [r["meta_seconds"] for r in reps if "meta_seconds" in r]
-        row["meta_seconds"] = f"{statistics.mean(meta):.0f}" if meta else "-"
-        rows.append(row)
-    (out / "results.json").write_text(json.dumps({"command": command, "summary": rows, "runs": {
-        k: {kk: v for kk, v in r.items() if kk not in ("units", "meta_units")} for k, r in sorted(reports.items())}},
-        indent=2) + "\n")
-    cols = ["model", "variant", "setting", "calib_size", "seeds", "fp_top1", "quant_top1", "gap", "holdout_top1",
-            "seconds", "meta_seconds"]
-    lines = [f"Command: `{command}`", "",
-             "quant_top1: test top-1 (%) of the quantized model, mean ± std over seeds; gap: calib_top1 - quant_top1 "
-             "(train-test gap); seconds: wall time per run on the machine named in results.json.", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+        rows.append({"model": model, "variant": variant, "setting": setting, "calib_size": calib, "seeds": len(reps),
+                     "fp_top1": reps[0]["fp_top1"], "quant_top1": mean_std([r["quant_top1"] for r in reps]),
+                     "gap": mean_std([r["calib_top1"] - r["quant_top1"] for r in reps]),
+                     "holdout_top1": mean_std(hold) if hold else "-",
+                     "seconds": f"{statistics.mean(r['seconds'] for r in reps):.0f}",
+                     "meta_seconds": f"{statistics.mean(meta):.0f}" if meta else "-"})
+    legend = ("quant_top1: test top-1 (%) of the quantized model, mean ± std over seeds; gap: calib_top1 - quant_top1 "
+              "(train-test gap); holdout_top1: top-1 on the held-out part of the calibration set; seconds: wall time per "
+              "run (see `threads` and `host` in results.json).")
+    write_results(out, command, rows, {"runs": {k: strip_run(r) for k, r in sorted(reports.items())}}, legend)
 
 
 def main() -> None:

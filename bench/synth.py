@@ -32,6 +32,7 @@ from metaaug.data import load_dataset
 from metaaug.models.registry import build_model
 from metaaug.pipeline import RunConfig, run_job
 from metaaug.synth import FDDAConfig, save_synth, synthesize
+from tables import mean_std, strip_run, write_results
 
 SOURCES = ("real", "synthetic", "datafree", "mixed")
 
@@ -72,34 +73,23 @@ def summarise(reports: dict[str, dict], synth: dict[str, dict], command: str, la
     for key, rep in reports.items():
         groups.setdefault((rep["model"], key.split("-")[1], f"W{rep['wbits']}A{rep['abits']}"), []).append(rep)
 
-    def ms(vals: list[float]) -> str:
-        return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else f"{vals[0]:.2f}"
-
     rows = []
     for (model, source, setting), reps in sorted(groups.items(), key=lambda g: (g[0][0], g[0][2], SOURCES.index(g[0][1]))):
         kind = {"synthetic": "fdda", "mixed": "fdda", "datafree": "datafree"}.get(source)
         syn = [s for k, s in synth.items() if kind and k.startswith(f"{model}-{kind}-")]
         rows.append({"model": model, "source": source, "setting": setting, "seeds": len(reps), "fp_top1": reps[0]["fp_top1"],
-                     "calib_images": reps[0]["calib_images"], "quant_top1": ms([r["quant_top1"] for r in reps]),
-                     "calib_top1": ms([r["calib_top1"] for r in reps]),
-                     "synth_fp_acc": ms([s["fp_accuracy"] for s in syn]) if syn else "-",
-                     "synth_bns": ms([s["bns_distance"]["after"]["global"] for s in syn]) if syn else "-",
+                     "calib_images": reps[0]["calib_images"], "quant_top1": mean_std([r["quant_top1"] for r in reps]),
+                     "calib_top1": mean_std([r["calib_top1"] for r in reps]),
+                     "synth_fp_acc": mean_std([s["fp_accuracy"] for s in syn]) if syn else "-",
+                     "synth_bns": mean_std([s["bns_distance"]["after"]["global"] for s in syn]) if syn else "-",
                      "synth_seconds": f"{statistics.mean(s['seconds'] for s in syn):.0f}" if syn else "-",
                      "seconds": f"{statistics.mean(r['seconds'] for r in reps):.0f}"})
-    (out / "results.json").write_text(json.dumps({
-        "label": label, "command": command, "summary": rows,
-        "synth": {k: {kk: v for kk, v in s.items() if kk != "loss_history"} for k, s in sorted(synth.items())},
-        "runs": {k: {kk: v for kk, v in r.items() if kk not in ("units", "meta_units")} for k, r in sorted(reports.items())}},
-        indent=2) + "\n")
-    cols = list(rows[0]) if rows else []
-    lines = ([f"**{label}**", ""] if label else []) + [
-        f"Command: `{command}`", "",
-        "quant_top1: test top-1 (%) of the quantized model, mean ± std over seeds; calib_top1: top-1 of the quantized model "
-        "on its own calibration set (generator labels for synthetic images); synth_fp_acc: FP model's top-1 on the synthetic "
-        "set; synth_bns: global BN-statistics distance of generated batches after training; seconds: wall time per run.", "",
-        "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    payload = {"synth": {k: {kk: v for kk, v in s.items() if kk != "loss_history"} for k, s in sorted(synth.items())},
+               "runs": {k: strip_run(r) for k, r in sorted(reports.items())}}
+    legend = ("quant_top1: test top-1 (%) of the quantized model, mean ± std over seeds; calib_top1: top-1 of the quantized model "
+              "on its own calibration set (generator labels for synthetic images); synth_fp_acc: FP model's top-1 on the synthetic "
+              "set; synth_bns: global BN-statistics distance of generated batches after training; seconds: wall time per run.")
+    write_results(out, command, rows, payload, legend, label)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from metaaug.errors import ConfigError
 from metaaug.quant.prepare import QuantModel
+from metaaug.recon.engine import UnitStats
 
 CONFIG, PROGRESS, PROGRESS_STATE, QUANTIZED, REPORT = (
     "config.json", "progress.json", "progress.safetensors", "quantized.safetensors", "report.json")
@@ -63,8 +64,6 @@ class RunStore:
             return 0, []
         info = json.loads(prog.read_text())
         load_state(qmodel, state)
-        from metaaug.recon.engine import UnitStats
-
         return int(info["units_done"]), [UnitStats(**s) for s in info["units"]]
 
     def save(self, qmodel: QuantModel, units_done: int, stats: list) -> None:

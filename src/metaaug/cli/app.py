@@ -156,4 +156,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from metaaug.cli.app import main as canonical_main  # the module the export/synth commands registered on
+
+    canonical_main()
