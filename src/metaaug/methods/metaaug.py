@@ -122,11 +122,14 @@ class MetaAugReconstructor(Reconstructor):
         self.val_stepper = GraphStepper(qm, self.val_images, self.device, cfg.cache_device)
         last = list(qm.quant_layers())[-1]
         self._feat: list[torch.Tensor] = []
-        last.register_forward_pre_hook(lambda _m, args: self._feat.append(args[0]) if self._capture else None)
+        self._hook = last.register_forward_pre_hook(lambda _m, args: self._feat.append(args[0]) if self._capture else None)
         self._capture = False
         n = len(qm.unit_names)
         self.meta_units = list(range(1, n - 1))  # first conv and last linear skip the meta phase
         self.snapshots: list[tuple[str, torch.Tensor]] = [("x", images[:8].clone())]
+
+    def end(self) -> None:
+        self._hook.remove()  # the returned model must not keep a reference to the engine
 
     @torch.no_grad()
     def after_unit(self, k: int, unit: nn.Module) -> None:
@@ -265,7 +268,10 @@ class MetaAugReconstructor(Reconstructor):
         self.init_quantizers(unit, UnitData(q_in, fp_in, None))
         self.val_stepper.advance_to(k)
         torch.manual_seed(self.seed)
-        terms, tx = self.meta_terms(k, unit, self._inner_params(unit))
+        try:
+            terms, tx = self.meta_terms(k, unit, self._inner_params(unit))
+        finally:
+            self.end()
         grads, _ = self.term_grads(terms, tx)
         params = list(self.tnet.parameters())
         out = {}

@@ -203,7 +203,11 @@ class Reconstructor:
             if self.store:
                 self.store.save(qm, k + 1, self.stats)
             self.progress.unit_end(k, stats)
+        self.end()
         return self.stats
+
+    def end(self) -> None:
+        """Called once after the last unit (release what `begin` set up)."""
 
     def after_unit(self, k: int, unit: nn.Module) -> None:
         """Called when unit `k` is final (also when replayed on resume)."""
