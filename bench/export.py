@@ -64,7 +64,7 @@ def write_tables(rows: list[dict], out: Path, command: str) -> None:
         "# Deployable export: ONNX QDQ in onnxruntime, packed integer weights", "",
         f"Command: `{command}`", "",
         "Run folders were made with `metaaug quantize --model M --method qdrop --wbits W --abits A --calib-size 256 "
-        "--iters 200 --out /tmp/exp/M-wWaA` (short QDrop runs; accuracy is not the point here, export fidelity is):", "",
+        "--iters 200 --out <folder>` (short QDrop runs; accuracy is not the point here, export fidelity is):", "",
         *[f"- {r}" for r in runs], "",
         "All 10,000 Fashion-MNIST test images. `onnx top-1` runs the exported QDQ graph in onnxruntime (CPU, all graph "
         "optimizations except `WeightBiasQuantization`, which re-rounds float biases to int32 at step s_in*s_w); "
