@@ -54,10 +54,7 @@ class RunConfig:
 
     def identity(self) -> dict[str, Any]:
         """The config as stored: run options plus the fully resolved method config."""
-        run = dataclasses.asdict(self)
-        if self.calib_source == "real" and self.synth is None:  # real-data configs stay as before, so their runs resume
-            del run["calib_source"], run["synth"]
-        return {**run, "method_config": self.method_cfg().to_dict()}
+        return {**dataclasses.asdict(self), "method_config": self.method_cfg().to_dict()}
 
 
 def build_quant_model(cfg: RunConfig) -> QuantModel:

@@ -129,7 +129,9 @@ class MetaAugReconstructor(Reconstructor):
         self.snapshots: list[tuple[str, torch.Tensor]] = [("x", images[:8].clone())]
 
     def end(self) -> None:
-        self._hook.remove()  # the returned model must not keep a reference to the engine
+        """Drop the hook and the validation caches: the returned model keeps the engine for its report."""
+        self._hook.remove()
+        self.val_stepper = self.val_fp_logits = None
 
     @torch.no_grad()
     def after_unit(self, k: int, unit: nn.Module) -> None:
