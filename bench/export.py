@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 

@@ -3,6 +3,7 @@
 Per model and seed, two synthetic sets are generated with FDDA (`metaaug synth`): `fdda` (class BNS centres from
 1 real training image per class) and `datafree` (no real image: global BNS + CE only). Then every setting runs with
     real      --calib-size real images (as today)
+    fewreal   --mixed-real real images alone (what `mixed` must beat)
     synthetic --calib-size images sampled from the fdda set
     datafree  --calib-size images sampled from the datafree set
     mixed     --mixed-real real images + the whole fdda set
@@ -25,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from metaaug.api import resolve_device
 from metaaug.data import load_dataset
@@ -34,7 +35,7 @@ from metaaug.pipeline import RunConfig, run_job
 from metaaug.synth import FDDAConfig, save_synth, synthesize
 from tables import mean_std, strip_run, write_results
 
-SOURCES = ("real", "synthetic", "datafree", "mixed")
+SOURCES = ("real", "fewreal", "synthetic", "datafree", "mixed")
 
 
 def make_synth(folder: Path, model: str, cfg: FDDAConfig, device: str) -> dict:
@@ -58,10 +59,10 @@ def jobs(a: argparse.Namespace) -> list[tuple[str, RunConfig]]:
                 folders = {"fdda": str(a.out / "synth" / f"{model}-fdda-s{seed}"),
                            "datafree": str(a.out / "synth" / f"{model}-datafree-s{seed}")}
                 for source in a.sources.split(","):
-                    calib_source, synth = {"real": ("real", None), "synthetic": ("synthetic", folders["fdda"]),
+                    calib_source, synth = {"real": ("real", None), "fewreal": ("real", None), "synthetic": ("synthetic", folders["fdda"]),
                                            "datafree": ("synthetic", folders["datafree"]),
                                            "mixed": ("mixed", folders["fdda"])}[source]
-                    n = a.mixed_real if source == "mixed" else a.calib_size
+                    n = a.mixed_real if source in ("mixed", "fewreal") else a.calib_size
                     cfg = RunConfig(model=model, method=a.method, wbits=int(w), abits=int(act), calib_size=n, iters=a.iters,
                                     seed=seed, calib_source=calib_source, synth=synth)
                     out.append((f"{model}-{source}-w{w}a{act}-s{seed}", cfg))

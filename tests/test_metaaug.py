@@ -64,11 +64,14 @@ def test_bad_metaaug_options_are_named():
         MetaAugConfig(inner_optimizer="lbfgs")
     with pytest.raises(ConfigError, match="unknown MetaAug loss term"):
         MetaAugConfig(terms=("kl", "typo"))
+    with pytest.raises(ConfigError, match="unknown MetaAug loss term"):
+        MetaAugConfig(terms="kl+typo")
+    assert MetaAugConfig(terms="kl+pkt").terms == ("kl", "pkt")  # the ablation's variant syntax
 
 
-def run_metaaug(out, seed=0):
+def run_metaaug(out, seed=0, meta_iters=3):
     args = ["quantize", "--method", "metaaug", "--wbits", "2", "--abits", "2", "--calib-size", "80", "--iters", "4",
-            "--meta-iters", "3", "--holdout", "0.2", "--seed", str(seed), "--out", str(out)]
+            "--meta-iters", str(meta_iters), "--holdout", "0.2", "--seed", str(seed), "--out", str(out)]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     return json.loads((out / "report.json").read_text())
@@ -88,3 +91,9 @@ def test_short_metaaug_run_writes_report_and_pngs_and_is_reproducible(tmp_path):
     b = run_metaaug(tmp_path / "b")
     assert (a["quant_top1"], a["calib_top1"], a["holdout_top1"]) == (b["quant_top1"], b["calib_top1"], b["holdout_top1"])
     assert [u["kl"] for u in a["meta_units"]] == [u["kl"] for u in b["meta_units"]]
+
+
+def test_metaaug_without_meta_steps_runs_and_skips_the_loss_plot(tmp_path):
+    rep = run_metaaug(tmp_path, meta_iters=0)  # the ablation's identity control: T stays x + 0
+    assert rep["meta_seconds"] == 0 and all(u["meta_iters"] == 0 for u in rep["meta_units"])
+    assert (tmp_path / "transforms.png").exists() and not (tmp_path / "meta_losses.png").exists()

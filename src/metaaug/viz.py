@@ -48,8 +48,8 @@ def save_meta_plots(out_dir: Path, snapshots: list[tuple[str, torch.Tensor]], cu
         rows = [snapshots[0]] + [(f"T(x) {name}", imgs) for name, imgs in snapshots[1:]]
         image_grid(rows, out_dir / "transforms.png", "calibration images x (top) and T(x) after each unit's meta phase")
         written.append("transforms.png")
-    if curves:
-        keys = sorted({k for c in curves.values() for row in c for k in row if k != "step"})
+    keys = sorted({k for c in curves.values() for row in c for k in row if k != "step"})
+    if keys:  # no curve at all when every unit ran 0 meta steps
         fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
         for ax, key in zip(axes[0], keys, strict=True):
             offset = 0

@@ -72,6 +72,8 @@ class MetaAugConfig(QDropConfig):
             raise ConfigError(f"balance must be one of {BALANCES}, got {self.balance!r}")
         if self.meta_iters < 0:
             raise ConfigError(f"meta_iters must be >= 0, got {self.meta_iters}")
+        if isinstance(self.terms, str):  # "kl+pkt" from the CLI or a benchmark variant
+            self.terms = tuple(filter(None, self.terms.split("+")))
         bad = set(self.terms) - {"kl", "margin", "pkt", "mse"}
         if bad:
             raise ConfigError(f"unknown MetaAug loss term(s) {sorted(bad)}; use kl, mse, margin, pkt")
@@ -317,11 +319,12 @@ class MetaAugReconstructor(Reconstructor):
         return UnitData(q, fp, fp_out)
 
     def _summary(self, k: int, steps: int, secs: float, curve: list[dict]) -> dict:
-        tail = curve[-max(1, len(curve) // 5):]
+        tail = curve[-max(1, len(curve) // 5):]  # the last fifth: where T has settled
         keys = [key for key in curve[0] if key != "step"] if curve else []
         mean = {key: round(sum(c[key] for c in tail) / len(tail), 6) for key in keys}
+        start = {f"{key}_start": curve[0][key] for key in ("kl", "mse") if curve and key in curve[0]}
         return {"unit": self.qmodel.unit_names[k], "meta_iters": steps, "meta_seconds": round(secs, 2),
-                "ms_per_meta_iter": round(1000 * secs / max(1, steps), 1), **mean}
+                "ms_per_meta_iter": round(1000 * secs / max(1, steps), 1), **start, **mean}
 
     def unit_extra_stats(self, k: int) -> dict:
         name = self.qmodel.unit_names[k]
