@@ -14,7 +14,11 @@ def logits_of(model: nn.Module, images: torch.Tensor, batch: int = 500, device: 
     return torch.cat(outs)
 
 
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent of precomputed logits."""
+    return 100.0 * float((logits.argmax(1) == labels).float().mean())
+
+
 def top1(model: nn.Module, ds: ImageDataset, batch: int = 500, device: torch.device | str = "cpu") -> float:
     """Top-1 accuracy in percent."""
-    pred = logits_of(model, ds.images, batch, device).argmax(1)
-    return 100.0 * float((pred == ds.labels).float().mean())
+    return accuracy(logits_of(model, ds.images, batch, device), ds.labels)

@@ -17,7 +17,7 @@ import torch
 from metaaug.data import load_dataset
 from metaaug.data.datasets import ImageDataset
 from metaaug.errors import ModelError
-from metaaug.evaluate import logits_of
+from metaaug.evaluate import accuracy, logits_of
 from metaaug.pipeline import RunConfig, load_run
 
 EXPORT_JSON = "export.json"
@@ -30,10 +30,6 @@ def fp_checkpoint_path(cfg: RunConfig) -> Path | None:
     if cfg.weights is not None:
         return Path(cfg.weights)
     return bundled_weights(cfg.model) if cfg.model in BUNDLED else None
-
-
-def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return 100.0 * float((logits.argmax(1) == labels).float().mean())
 
 
 def record(run_dir: str | Path, results: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +65,7 @@ def export_onnx_run(run_dir: str | Path, out: str | Path, data_dir: str | None =
     export_s = time.perf_counter() - start
     ref = logits_of(qmodel, test.images)
     got = onnx_logits(out, test.images, threads=torch.get_num_threads())
-    onnx_top1, torch_top1 = _top1(got, test.labels), _top1(ref, test.labels)
+    onnx_top1, torch_top1 = accuracy(got, test.labels), accuracy(ref, test.labels)
     agreement = 100.0 * float((got.argmax(1) == ref.argmax(1)).float().mean())
     results = {
         "onnx_path": str(out), "onnx_bytes": Path(out).stat().st_size, "onnx_images": len(test),
@@ -110,7 +106,7 @@ def export_packed_run(run_dir: str | Path, out: str | Path, data_dir: str | None
         "fp_checkpoint_bytes": ckpt_bytes,
         "compression_vs_checkpoint": round(ckpt_bytes / sizes["file_bytes"], 2) if ckpt_bytes else None,
         "compression_weights": round(sizes["fp32_weight_bytes"] / sizes["packed_weight_bytes"], 2),
-        "packed_top1": round(_top1(got, test.labels), 2), "packed_torch_top1": round(_top1(ref, test.labels), 2),
+        "packed_top1": round(accuracy(got, test.labels), 2), "packed_torch_top1": round(accuracy(ref, test.labels), 2),
         "packed_max_abs_logit_diff": diff,
     }
     record(run_dir, results)

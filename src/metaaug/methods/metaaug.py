@@ -294,11 +294,11 @@ class MetaAugReconstructor(Reconstructor):
             theta = self._inner_params(unit)
             curve: list[dict] = []
             start = time.perf_counter()
-            for it in range(steps):
-                with threads(loop_threads()):
+            with threads(loop_threads()):
+                for it in range(steps):
                     log = self.meta_step(k, unit, theta)
-                if it % cfg.log_every == 0 or it == steps - 1:
-                    curve.append({"step": it, **{n: round(v, 6) for n, v in log.items()}})
+                    if it % cfg.log_every == 0 or it == steps - 1:
+                        curve.append({"step": it, **{n: round(v, 6) for n, v in log.items()}})
             secs = time.perf_counter() - start
             self.curves[self.qmodel.unit_names[k]] = curve
             self.meta_log.append(self._summary(k, steps, secs, curve))

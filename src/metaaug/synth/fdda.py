@@ -22,6 +22,7 @@ from torch import nn
 from metaaug.data.calib import stratified_indices
 from metaaug.data.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, ImageDataset
 from metaaug.errors import ConfigError, DataError
+from metaaug.evaluate import logits_of
 from metaaug.synth.bns import BNStats, ClassCentres, bn_layers, class_bns_loss, class_centres, deep_half, global_bns_loss
 from metaaug.synth.data import IMAGES_FILE
 from metaaug.synth.generator import Generator
@@ -194,8 +195,7 @@ def synthesize(model: nn.Module, cfg: FDDAConfig, real: ImageDataset | None = No
     after = bns_distance()
 
     images, labels = generate(gen, num_classes, cfg, dev)
-    with torch.no_grad():
-        pred = torch.cat([model(images[i:i + 500].to(dev)).argmax(1).cpu() for i in range(0, len(images), 500)])
+    pred = logits_of(model, images, 500, dev).argmax(1)
     correct = (pred == labels).float()
     report = {
         "method": "fdda", "classes": classes, "images": len(labels), "per_class": cfg.per_class,
