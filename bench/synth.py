@@ -7,6 +7,7 @@ Per model and seed, two synthetic sets are generated with FDDA (`metaaug synth`)
     synthetic --calib-size images sampled from the fdda set
     datafree  --calib-size images sampled from the datafree set
     mixed     --mixed-real real images + the whole fdda set
+    mixedN    --mixed-real real images + N images of the fdda set (e.g. mixed64: as many synthetic as real images)
 Synthetic folders go to `<out>/synth/`, runs to `<out>/runs/` (finished ones are skipped, interrupted ones resume);
 the table is rebuilt into `<out>/results.json` and `<out>/results.md`.
 
@@ -38,6 +39,19 @@ from tables import mean_std, strip_run, write_results
 SOURCES = ("real", "fewreal", "synthetic", "datafree", "mixed")
 
 
+def source_order(source: str) -> tuple[int, int]:
+    """Table order: SOURCES order, `mixedN` after `mixed` by N."""
+    if source in SOURCES:
+        return SOURCES.index(source), 0
+    return len(SOURCES), mixed_size(source) or 0
+
+
+def mixed_size(source: str) -> int | None:
+    """N of a `mixedN` source (synthetic images added to the real ones); None for every other source."""
+    rest = source.removeprefix("mixed")
+    return int(rest) if rest.isdigit() and source.startswith("mixed") else None
+
+
 def make_synth(folder: Path, model: str, cfg: FDDAConfig, device: str) -> dict:
     """Generate one synthetic set unless `folder` already holds it; returns its report."""
     report_path = folder / "report.json"
@@ -59,12 +73,14 @@ def jobs(a: argparse.Namespace) -> list[tuple[str, RunConfig]]:
                 folders = {"fdda": str(a.out / "synth" / f"{model}-fdda-s{seed}"),
                            "datafree": str(a.out / "synth" / f"{model}-datafree-s{seed}")}
                 for source in a.sources.split(","):
+                    n_synth = mixed_size(source)
+                    kind = "mixed" if n_synth is not None else source
                     calib_source, synth = {"real": ("real", None), "fewreal": ("real", None), "synthetic": ("synthetic", folders["fdda"]),
                                            "datafree": ("synthetic", folders["datafree"]),
-                                           "mixed": ("mixed", folders["fdda"])}[source]
-                    n = a.mixed_real if source in ("mixed", "fewreal") else a.calib_size
+                                           "mixed": ("mixed", folders["fdda"])}[kind]
+                    n = a.mixed_real if kind in ("mixed", "fewreal") else a.calib_size
                     cfg = RunConfig(model=model, method=a.method, wbits=int(w), abits=int(act), calib_size=n, iters=a.iters,
-                                    seed=seed, calib_source=calib_source, synth=synth)
+                                    seed=seed, calib_source=calib_source, synth=synth, mixed_synth=n_synth)
                     out.append((f"{model}-{source}-w{w}a{act}-s{seed}", cfg))
     return out
 
@@ -75,8 +91,8 @@ def summarise(reports: dict[str, dict], synth: dict[str, dict], command: str, la
         groups.setdefault((rep["model"], key.split("-")[1], f"W{rep['wbits']}A{rep['abits']}"), []).append(rep)
 
     rows = []
-    for (model, source, setting), reps in sorted(groups.items(), key=lambda g: (g[0][0], g[0][2], SOURCES.index(g[0][1]))):
-        kind = {"synthetic": "fdda", "mixed": "fdda", "datafree": "datafree"}.get(source)
+    for (model, source, setting), reps in sorted(groups.items(), key=lambda g: (g[0][0], g[0][2], source_order(g[0][1]))):
+        kind = "fdda" if source == "synthetic" or source.startswith("mixed") else {"datafree": "datafree"}.get(source)
         syn = [s for k, s in synth.items() if kind and k.startswith(f"{model}-{kind}-")]
         rows.append({"model": model, "source": source, "setting": setting, "seeds": len(reps), "fp_top1": reps[0]["fp_top1"],
                      "calib_images": reps[0]["calib_images"], "quant_top1": mean_std([r["quant_top1"] for r in reps]),
@@ -100,7 +116,7 @@ def main() -> None:
     p.add_argument("--method", default="qdrop")
     p.add_argument("--settings", default="W4A4,W2A4")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--sources", default=",".join(SOURCES))
+    p.add_argument("--sources", default=",".join(SOURCES), help=f"comma-separated, from {', '.join(SOURCES)}, mixedN")
     p.add_argument("--calib-size", type=int, default=1024)
     p.add_argument("--mixed-real", type=int, default=64, help="real images in the mixed calibration set")
     p.add_argument("--real-per-class", type=int, default=1, help="real images per class for the fdda class centres")
@@ -109,6 +125,9 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--label", default="", help="a line put at the top of results.md (e.g. 'SMOKE RUN')")
     a = p.parse_args()
+    for source in a.sources.split(","):
+        if source not in SOURCES and mixed_size(source) is None:
+            p.error(f"unknown source {source!r}; use {', '.join(SOURCES)} or mixedN (N synthetic images)")
     command = "python bench/synth.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     (a.out / "runs").mkdir(parents=True, exist_ok=True)
     per_class = math.ceil(a.calib_size / 10)  # the bundled models have 10 classes

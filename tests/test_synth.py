@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from typer.testing import CliRunner
 
 from metaaug.cli.app import app
-from metaaug.data.datasets import FASHION_MNIST_DIR
+from metaaug.data.datasets import FASHION_MNIST_DIR, ImageDataset
 from metaaug.data.idx import find_idx, read_idx
-from metaaug.errors import ConfigError, ModelError
-from metaaug.synth import FDDAConfig, synthesize
+from metaaug.errors import ConfigError, DataError, ModelError
+from metaaug.synth import FDDAConfig, calibration_set, synthesize
 from metaaug.synth.bns import BNStats, ClassCentres, bn_layers, class_bns_loss, class_centres, deep_half, global_bns_loss
 from metaaug.synth.fdda import FDDALoss
 from metaaug.synth.generator import Generator
@@ -145,6 +145,7 @@ def test_synth_then_quantize_on_synthetic_calibration(tmp_path, small_fmnist):
     (["--calib-source", "synthetic"], "needs --synth"),
     (["--calib-source", "mixed", "--synth", "no/such/folder"], "does not exist"),
     (["--calib-source", "fake"], "unknown calibration source"),
+    (["--mixed-synth", "8"], "only used with --calib-source mixed"),
 ])
 def test_bad_calib_source_options_are_one_line_errors(tmp_path, small_fmnist, args, message):
     res = runner.invoke(app, ["quantize", "--method", "rtn", "--iters", "0", "--device", "cpu", "--out", str(tmp_path / "r"),
@@ -165,3 +166,21 @@ def test_data_free_synth_needs_no_data_and_no_bn_model_errors_in_cli(tmp_path):
                               "--out", str(tmp_path / "df"), "--device", "cpu", "--set", "batch_size=10"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "df" / "report.json").read_text())["data_free"] is True
+
+
+def test_mixed_set_takes_all_or_a_stratified_share_of_the_synthetic_images(tmp_path):
+    train = ImageDataset(torch.randn(200, 1, 8, 8), torch.arange(200) % 10, [str(i) for i in range(10)])
+    syn_images = torch.full((100, 1, 8, 8), 7.0)
+    save_file({"images": syn_images, "labels": torch.arange(100) % 10}, str(tmp_path / "images.safetensors"))
+    every, _ = calibration_set(train, "mixed", tmp_path, 30, seed=0)
+    assert len(every) == 130 and int((every.images == 7.0).all(dim=(1, 2, 3)).sum()) == 100
+    some, _ = calibration_set(train, "mixed", tmp_path, 30, seed=0, mixed_synth=20)
+    synthetic = (some.images == 7.0).all(dim=(1, 2, 3))
+    assert len(some) == 50 and int(synthetic.sum()) == 20
+    assert torch.equal(some.labels[synthetic].bincount(minlength=10), torch.full((10,), 2))
+    real_rows = [{tuple(x.flatten().tolist()) for x in ds.images if not (x == 7.0).all()} for ds in (some, every)]
+    assert real_rows[0] == real_rows[1]  # the same real images either way
+    with pytest.raises(DataError, match="exceeds the 100 images"):
+        calibration_set(train, "mixed", tmp_path, 30, seed=0, mixed_synth=101)
+    with pytest.raises(ConfigError, match="only used with --calib-source mixed"):
+        calibration_set(train, "synthetic", tmp_path, 30, seed=0, mixed_synth=20)

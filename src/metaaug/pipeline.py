@@ -42,6 +42,7 @@ class RunConfig:
     options: dict[str, Any] = field(default_factory=dict)
     calib_source: str = "real"
     synth: str | None = None
+    mixed_synth: int | None = None
 
     def spec(self) -> QuantSpec:
         return QuantSpec(self.wbits, self.abits, fold_bn=self.fold_bn)
@@ -88,7 +89,8 @@ def run_job(cfg: RunConfig, out: str | Path, device: str = "auto", progress: Pro
     dev = resolve_device(device)
     model = build_model(cfg.model, cfg.weights)
     train, test = load_dataset(cfg.data_dir, "train"), load_dataset(cfg.data_dir, "test")
-    calib, holdout = calibration_set(train, cfg.calib_source, cfg.synth, cfg.calib_size, cfg.seed, cfg.holdout)
+    calib, holdout = calibration_set(train, cfg.calib_source, cfg.synth, cfg.calib_size, cfg.seed, cfg.holdout,
+                                     cfg.mixed_synth)
     check_calibration(calib.images, mcfg.batch_size)  # before the run folder exists: a refused run leaves nothing behind
     store = RunStore(out, cfg.identity())
     fp_top1 = top1(model.to(dev), test, device=dev)
@@ -99,7 +101,8 @@ def run_job(cfg: RunConfig, out: str | Path, device: str = "auto", progress: Pro
     report: dict[str, Any] = {
         "model": cfg.model, "method": cfg.method, "wbits": cfg.wbits, "abits": cfg.abits,
         "calib_size": cfg.calib_size, "iters": mcfg.iters, "seed": cfg.seed,
-        "calib_source": cfg.calib_source, "synth": cfg.synth, "calib_images": len(calib) + (0 if holdout is None else len(holdout)),
+        "calib_source": cfg.calib_source, "synth": cfg.synth, "mixed_synth": cfg.mixed_synth,
+        "calib_images": len(calib) + (0 if holdout is None else len(holdout)),
         "fp_top1": round(fp_top1, 2),
         "quant_top1": round(top1(qmodel, test, device=dev), 2),
         "calib_top1": round(top1(qmodel, calib, device=dev), 2),

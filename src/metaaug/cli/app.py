@@ -57,6 +57,7 @@ def quantize(
     option: Annotated[list[str] | None, typer.Option("--set", help="method option key=value (repeatable), e.g. --set round_weight=0.1")] = None,
     calib_source: Annotated[str, typer.Option(help="real | synthetic (--calib-size of --synth) | mixed (--calib-size real + all --synth)")] = "real",
     synth: Annotated[str | None, typer.Option(help="folder written by `metaaug synth` (for --calib-source synthetic|mixed)")] = None,
+    mixed_synth: Annotated[int | None, typer.Option(help="--calib-source mixed: synthetic images to add (stratified; default all)")] = None,
 ) -> None:
     """Quantize a model and write report.json + quantized.safetensors to the run folder (resumes if interrupted)."""
     from metaaug.cli.progress import RichProgress, report_table
@@ -67,7 +68,7 @@ def quantize(
         options["meta_iters"] = meta_iters
     cfg = RunConfig(model=model, weights=weights, method=method, wbits=wbits, abits=abits, calib_size=calib_size,
                     iters=iters, seed=seed, data_dir=data_dir, fold_bn=not no_fold_bn,
-                    holdout=holdout, calib_source=calib_source, synth=synth,
+                    holdout=holdout, calib_source=calib_source, synth=synth, mixed_synth=mixed_synth,
                     units=units.split(",") if units else None, options=options)
     cfg.spec()
     cfg.method_cfg()

@@ -17,10 +17,15 @@ IMAGES_FILE = "images.safetensors"
 CALIB_SOURCES = ("real", "synthetic", "mixed")
 
 
-def check_calib_source(source: str, synth: str | Path | None) -> None:
+def check_calib_source(source: str, synth: str | Path | None, mixed_synth: int | None = None) -> None:
     """Reject a calibration source/synth-folder combination that cannot work, before any data is loaded."""
     if source not in CALIB_SOURCES:
         raise ConfigError(f"unknown calibration source {source!r}; use one of {', '.join(CALIB_SOURCES)}")
+    if mixed_synth is not None:
+        if source != "mixed":
+            raise ConfigError("--mixed-synth is only used with --calib-source mixed")
+        if mixed_synth <= 0:
+            raise ConfigError(f"--mixed-synth must be a positive number of synthetic images, got {mixed_synth}")
     if source == "real":
         if synth is not None:
             raise ConfigError("--synth is only used with --calib-source synthetic or mixed")
@@ -62,13 +67,14 @@ def _concat(a: ImageDataset, b: ImageDataset) -> ImageDataset:
 
 
 def calibration_set(train: ImageDataset, source: str, synth: str | Path | None, n: int, seed: int,
-                    holdout: float = 0.0) -> tuple[ImageDataset, ImageDataset | None]:
+                    holdout: float = 0.0, mixed_synth: int | None = None) -> tuple[ImageDataset, ImageDataset | None]:
     """Calibration (and optional holdout) images for a run.
 
     `real`: `n` stratified training images (as before). `synthetic`: `n` images stratified from the synthetic
-    set. `mixed`: `n` real images plus every synthetic image. The holdout is taken from whatever set results.
+    set. `mixed`: `n` real images plus `mixed_synth` stratified synthetic images (default: all of them; fewer keeps
+    the real images from being outnumbered). The holdout is taken from whatever set results.
     """
-    check_calib_source(source, synth)
+    check_calib_source(source, synth, mixed_synth)
     if source == "real":
         return calibration_split(train, n, seed, holdout)
     syn = load_synthetic(synth)  # type: ignore[arg-type]
@@ -77,5 +83,9 @@ def calibration_set(train: ImageDataset, source: str, synth: str | Path | None, 
     if source == "synthetic":
         return calibration_split(syn, n, seed, holdout)
     real = train.subset(stratified_indices(train.labels, n, seed))
+    if mixed_synth is not None:
+        if mixed_synth > len(syn):
+            raise DataError(f"--mixed-synth {mixed_synth} exceeds the {len(syn)} images in {synth}")
+        syn = syn.subset(stratified_indices(syn.labels, mixed_synth, seed))
     both = _concat(real, ImageDataset(syn.images, syn.labels, train.classes))
     return calibration_split(both, len(both), seed, holdout)
