@@ -52,6 +52,11 @@ def mixed_size(source: str) -> int | None:
     return int(rest) if rest.isdigit() and source.startswith("mixed") else None
 
 
+def synth_kind(source: str) -> str | None:
+    """The synthetic set a source draws from (`fdda` or `datafree`); None for real images only."""
+    return "datafree" if source == "datafree" else "fdda" if source == "synthetic" or source.startswith("mixed") else None
+
+
 def make_synth(folder: Path, model: str, cfg: FDDAConfig, device: str) -> dict:
     """Generate one synthetic set unless `folder` already holds it; returns its report."""
     report_path = folder / "report.json"
@@ -70,17 +75,13 @@ def jobs(a: argparse.Namespace) -> list[tuple[str, RunConfig]]:
         for setting in a.settings.split(","):
             w, _, act = setting.upper().removeprefix("W").partition("A")
             for seed in map(int, a.seeds.split(",")):
-                folders = {"fdda": str(a.out / "synth" / f"{model}-fdda-s{seed}"),
-                           "datafree": str(a.out / "synth" / f"{model}-datafree-s{seed}")}
                 for source in a.sources.split(","):
-                    n_synth = mixed_size(source)
-                    kind = "mixed" if n_synth is not None else source
-                    calib_source, synth = {"real": ("real", None), "fewreal": ("real", None), "synthetic": ("synthetic", folders["fdda"]),
-                                           "datafree": ("synthetic", folders["datafree"]),
-                                           "mixed": ("mixed", folders["fdda"])}[kind]
-                    n = a.mixed_real if kind in ("mixed", "fewreal") else a.calib_size
+                    kind, mixed = synth_kind(source), source.startswith("mixed")
+                    synth = str(a.out / "synth" / f"{model}-{kind}-s{seed}") if kind else None
+                    calib_source = "mixed" if mixed else "synthetic" if kind else "real"
+                    n = a.mixed_real if mixed or source == "fewreal" else a.calib_size
                     cfg = RunConfig(model=model, method=a.method, wbits=int(w), abits=int(act), calib_size=n, iters=a.iters,
-                                    seed=seed, calib_source=calib_source, synth=synth, mixed_synth=n_synth)
+                                    seed=seed, calib_source=calib_source, synth=synth, mixed_synth=mixed_size(source))
                     out.append((f"{model}-{source}-w{w}a{act}-s{seed}", cfg))
     return out
 
@@ -92,7 +93,7 @@ def summarise(reports: dict[str, dict], synth: dict[str, dict], command: str, la
 
     rows = []
     for (model, source, setting), reps in sorted(groups.items(), key=lambda g: (g[0][0], g[0][2], source_order(g[0][1]))):
-        kind = "fdda" if source == "synthetic" or source.startswith("mixed") else {"datafree": "datafree"}.get(source)
+        kind = synth_kind(source)
         syn = [s for k, s in synth.items() if kind and k.startswith(f"{model}-{kind}-")]
         rows.append({"model": model, "source": source, "setting": setting, "seeds": len(reps), "fp_top1": reps[0]["fp_top1"],
                      "calib_images": reps[0]["calib_images"], "quant_top1": mean_std([r["quant_top1"] for r in reps]),

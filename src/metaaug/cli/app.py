@@ -55,7 +55,7 @@ def quantize(
     meta_iters: Annotated[int | None, typer.Option(help="MetaAug: meta steps per unit")] = None,
     holdout: Annotated[float, typer.Option(help="fraction of the calibration set held out (not reconstructed on) to estimate accuracy")] = 0.0,
     option: Annotated[list[str] | None, typer.Option("--set", help="method option key=value (repeatable), e.g. --set round_weight=0.1")] = None,
-    calib_source: Annotated[str, typer.Option(help="real | synthetic (--calib-size of --synth) | mixed (--calib-size real + all --synth)")] = "real",
+    calib_source: Annotated[str, typer.Option(help="real | synthetic (--calib-size of --synth) | mixed (--calib-size real + synthetic)")] = "real",
     synth: Annotated[str | None, typer.Option(help="folder written by `metaaug synth` (for --calib-source synthetic|mixed)")] = None,
     mixed_synth: Annotated[int | None, typer.Option(help="--calib-source mixed: synthetic images to add (stratified; default all)")] = None,
 ) -> None:
