@@ -10,6 +10,7 @@ from metaaug import quantize
 from metaaug.cli.app import app
 from metaaug.evaluate import top1
 from metaaug.quant import QuantSpec
+from metaaug.recon.engine import NullProgress
 from metaaug.store import RunStore
 
 runner = CliRunner()
@@ -37,17 +38,11 @@ class Interrupt(Exception):
     pass
 
 
-class StopAfter:
+class StopAfter(NullProgress):
     """Progress callback that kills the run after `n` finished units, like Ctrl-C would."""
 
     def __init__(self, n):
         self.n = n
-
-    def unit_start(self, *a):
-        pass
-
-    def advance(self, *a):
-        pass
 
     def unit_end(self, index, stats):
         if index + 1 == self.n:

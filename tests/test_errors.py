@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from metaaug import quantize
 from metaaug.cli.app import app
-from metaaug.errors import DataError
+from metaaug.errors import DataError, ModelError
 from metaaug.models.resnet import resnet20
 
 runner = CliRunner()
@@ -86,3 +86,37 @@ def test_non_finite_calibration_data(bad):
 def test_empty_calibration_data():
     with pytest.raises(DataError, match="no images"):
         quantize(resnet20(), torch.empty(0, 1, 28, 28), "rtn")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_named(tmp_path, bad):
+    path = tmp_path / "nan.safetensors"
+    state = resnet20().state_dict()
+    state["layer2.1.conv1.weight"][0, 0, 0, 0] = bad
+    save_file(state, str(path))
+    res, out = run_cli(tmp_path, "--weights", str(path), "--method", "rtn")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "tensor 'layer2.1.conv1.weight' holds 1 NaN/Inf value(s)" in " ".join(res.output.split())
+    assert not (out / "config.json").exists()
+
+
+def test_api_refuses_a_model_with_non_finite_weights():
+    model = resnet20()
+    with torch.no_grad():
+        model.fc.bias[3] = float("nan")
+    with pytest.raises(ModelError, match=r"'fc\.bias' holds 1 NaN/Inf"):
+        quantize(model, torch.randn(32, 1, 28, 28), "rtn")
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("def build(:\n    pass\n", "failed to import: SyntaxError"),
+    ("import no_such_package_xyz\n\ndef build():\n    pass\n", "failed to import: ModuleNotFoundError: No module named 'no_such_package_xyz'"),
+    ("def build():\n    raise RuntimeError('bad width')\n", "build() raised RuntimeError: bad width"),
+])
+def test_broken_model_file_is_one_line(tmp_path, source, message):
+    src = tmp_path / "broken.py"
+    src.write_text(source)
+    res, _ = run_cli(tmp_path, "--model", f"{src}:build", "--weights", "w.safetensors")
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert message in text and str(src.name) in text and "Traceback" not in res.output

@@ -1,4 +1,3 @@
-import warnings
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ from metaaug.errors import ConfigError, ModelError
 from metaaug.models.mobilenet import mobilenetv2
 from metaaug.models.resnet import resnet20
 from metaaug.quant import QuantSpec, prepare
-from metaaug.quant.units import detect_blocks
 
 
 @pytest.mark.parametrize("factory", [resnet20, mobilenetv2, TinyNet])
@@ -30,18 +28,7 @@ def test_no_fold_keeps_batchnorm():
         isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
-def test_units_found_for_bundled_models():
-    q = prepare(resnet20(), QuantSpec())
-    assert q.unit_names == ["conv1"] + [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)] + ["fc"]
-    q = prepare(mobilenetv2(), QuantSpec())
-    assert q.unit_names[0] == "features_.0.0" and q.unit_names[-1] == "classifier"
-    assert sum(n.startswith("features_.") and n.count(".") == 1 for n in q.unit_names) == 8  # 8 inverted residuals
-
-
-def test_torchvision_style_blocks_are_detected_by_class_name():
-    names = detect_blocks(TinyNet())  # TinyBlock is named BasicBlock
-    assert names == ["block1", "block2"]
-
+def test_torchvision_style_blocks_are_found_from_the_graph():
     class Bottleneck(nn.Module):
         def __init__(self):
             super().__init__()
@@ -50,11 +37,12 @@ def test_torchvision_style_blocks_are_detected_by_class_name():
         def forward(self, x):
             return self.c(x) + x
 
-    class InvertedResidual(Bottleneck):
+    class Whatever(Bottleneck):
         pass
 
-    net = nn.Sequential(nn.Conv2d(1, 4, 3), Bottleneck(), InvertedResidual())
-    assert detect_blocks(net) == ["1", "2"]
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), Bottleneck(), Whatever(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+    q = prepare(net, QuantSpec())
+    assert [(p.name, p.found) for p in q.unit_plans] == [("0", "layer"), ("1", "residual"), ("2", "residual"), ("4", "layer")]
 
 
 def test_layer_units_and_named_units():
@@ -64,15 +52,6 @@ def test_layer_units_and_named_units():
     assert q.unit_names == ["stem", "block1.conv1", "block1.conv2", "block2", "fc"]
     with pytest.raises(ConfigError, match="not a submodule"):
         prepare(TinyNet(), QuantSpec(), units=["nope"])
-
-
-def test_plain_model_falls_back_to_layer_units_with_a_warning():
-    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        q = prepare(net, QuantSpec())
-    assert any("falling back to one reconstruction unit per Conv/Linear" in str(w.message) for w in caught)
-    assert q.unit_names == ["0", "3"]
 
 
 def test_first_and_last_layers_are_8_bit_and_image_is_not_quantized():

@@ -140,6 +140,13 @@ def test_synth_then_quantize_on_synthetic_calibration(tmp_path, small_fmnist):
     assert run["calib_source"] == "synthetic" and run["synth"] == str(synth_dir) and run["calib_images"] == 32
     assert json.loads((run_dir / "config.json").read_text())["calib_source"] == "synthetic"
 
+    # without --calib-size the whole synthetic set is used, and the report says how many
+    res = runner.invoke(app, ["quantize", "--method", "rtn", "--calib-source", "synthetic", "--synth", str(synth_dir),
+                              "--iters", "0", "--device", "cpu", "--out", str(tmp_path / "all"), "--data-dir", str(small_fmnist)])
+    assert res.exit_code == 0, res.output
+    run = json.loads((tmp_path / "all" / "report.json").read_text())
+    assert run["calib_images"] == 40 and run["calib_size"] == 40
+
 
 @pytest.mark.parametrize("args, message", [
     (["--calib-source", "synthetic"], "needs --synth"),

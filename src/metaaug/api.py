@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from metaaug.data.datasets import check_finite
 from metaaug.errors import ConfigError, DataError
-from metaaug.methods.configs import ReconConfig, method_config
+from metaaug.methods.registry import JobContext, MethodResult, handler_for, method_config
 from metaaug.quant.prepare import QuantModel, QuantSpec, prepare
-from metaaug.recon.engine import ENGINES, Progress, Reconstructor
+from metaaug.recon.engine import NullProgress, Progress
 
 MIN_CALIB = 16
 
@@ -34,28 +35,31 @@ def check_calibration(images: torch.Tensor, batch_size: int) -> None:
         raise DataError(f"calibration set too small: {images.shape[0]} images, need at least {need}")
 
 
-def engine_for(cfg: ReconConfig) -> type[Reconstructor]:
-    """The engine class a method runs on: the plain reconstruction loop unless the method registered its own."""
-    return ENGINES.get(cfg.name, Reconstructor)
+def prepare_for(model: nn.Module, cfg: Any, spec: QuantSpec, units: str | Sequence[str] | None = None) -> QuantModel:
+    """The fake-quant model a method works on: units from `units`, else the method's own (e.g. 'layer' for AdaRound)."""
+    return prepare(model, spec, units if units is not None else getattr(cfg, "units", "block"))
 
 
-def quantize(model: nn.Module, calib_images: torch.Tensor, method: str | ReconConfig = "qdrop",
-             spec: QuantSpec | None = None, *, seed: int = 0, device: str | torch.device = "auto",
-             units: str | Sequence[str] | None = None, progress: Progress | None = None, store=None,
-             engine_kwargs: dict | None = None) -> QuantModel:
-    """Quantize `model` with `method` on unlabeled `calib_images`; returns the fake-quant model, quantization on.
+def run_method(qmodel: QuantModel, cfg: Any, ctx: JobContext) -> MethodResult:
+    """Run the registered handler of `cfg` on a prepared model; the result's model is final (hard rounding, eval)."""
+    result = handler_for(cfg)(qmodel, cfg, ctx)
+    result.model.harden()
+    result.model.set_quant(True, True)
+    result.model.eval()
+    return result
 
-    `units` overrides the method's reconstruction units ('block', 'layer' or module paths).
-    `store` (a `RunStore`) saves progress after every unit and resumes from it.
+
+def quantize(model: nn.Module, calib_images: torch.Tensor, method: Any = "qdrop", spec: QuantSpec | None = None, *,
+             seed: int = 0, device: str | torch.device = "auto", units: str | Sequence[str] | None = None,
+             progress: Progress | None = None, store=None) -> QuantModel:
+    """Quantize `model` with `method` (a name or config dataclass) on unlabeled `calib_images`.
+
+    Returns the fake-quant model, quantization on. `units` overrides the method's reconstruction units ('block',
+    'layer' or module paths); `store` (a `RunStore`) saves progress after every unit and resumes from it.
     """
     cfg = method_config(method)
-    spec = spec or QuantSpec()
     dev = resolve_device(device)
-    check_calibration(calib_images, cfg.batch_size)
-    qmodel = prepare(model, spec, units if units is not None else cfg.units).to(dev)
-    engine = engine_for(cfg)(qmodel, cfg, seed=seed, device=dev, progress=progress, store=store, **(engine_kwargs or {}))
-    qmodel.engine_stats = engine.run(calib_images)
-    qmodel.engine = engine
-    qmodel.harden()
-    qmodel.set_quant(True, True)
-    return qmodel.eval()
+    check_calibration(calib_images, getattr(cfg, "batch_size", 1))
+    qmodel = prepare_for(model, cfg, spec or QuantSpec(), units).to(dev)
+    ctx = JobContext(calib_images, seed=seed, device=dev, progress=progress or NullProgress(), store=store)
+    return run_method(qmodel, cfg, ctx).model

@@ -11,16 +11,18 @@ from typing import Any
 
 import torch
 
-from metaaug.api import check_calibration, engine_for, quantize, resolve_device
+from metaaug.api import check_calibration, prepare_for, resolve_device, run_method
 from metaaug.data import load_dataset
 from metaaug.errors import ConfigError
 from metaaug.evaluate import top1
-from metaaug.methods.configs import method_config
+from metaaug.methods.registry import JobContext, method_config
 from metaaug.models.registry import build_model
-from metaaug.quant.prepare import QuantModel, QuantSpec, prepare
-from metaaug.recon.engine import Progress
+from metaaug.quant.prepare import QuantModel, QuantSpec
+from metaaug.recon.engine import NullProgress, Progress
 from metaaug.store import QUANTIZED, RunStore, load_state, read_json
 from metaaug.synth.data import calibration_set
+
+DEFAULT_CALIB_SIZE = 1024
 
 
 @dataclass
@@ -32,7 +34,7 @@ class RunConfig:
     method: str = "qdrop"
     wbits: int = 2
     abits: int = 4
-    calib_size: int = 1024
+    calib_size: int | None = DEFAULT_CALIB_SIZE
     iters: int | None = 2000
     seed: int = 0
     data_dir: str | None = None
@@ -43,6 +45,11 @@ class RunConfig:
     calib_source: str = "real"
     synth: str | None = None
     mixed_synth: int | None = None
+
+    def __post_init__(self) -> None:
+        # None: every synthetic image for `synthetic`; the default number of real images for `real` and `mixed`
+        if self.calib_size is None and self.calib_source != "synthetic":
+            self.calib_size = DEFAULT_CALIB_SIZE
 
     def spec(self) -> QuantSpec:
         return QuantSpec(self.wbits, self.abits, fold_bn=self.fold_bn)
@@ -60,8 +67,7 @@ class RunConfig:
 
 def build_quant_model(cfg: RunConfig) -> QuantModel:
     """The (empty) fake-quant model a run's saved state loads into."""
-    model = build_model(cfg.model, cfg.weights)
-    return prepare(model, cfg.spec(), cfg.units if cfg.units is not None else cfg.method_cfg().units)
+    return prepare_for(build_model(cfg.model, cfg.weights), cfg.method_cfg(), cfg.spec(), cfg.units)
 
 
 def load_run(run_dir: str | Path, device: str = "auto") -> tuple[QuantModel, RunConfig, dict]:
@@ -92,15 +98,16 @@ def run_job(cfg: RunConfig, out: str | Path, device: str = "auto", progress: Pro
     calib, holdout = calibration_set(train, cfg.calib_source, cfg.synth, cfg.calib_size, cfg.seed, cfg.holdout,
                                      cfg.mixed_synth)
     check_calibration(calib.images, mcfg.batch_size)  # before the run folder exists: a refused run leaves nothing behind
+    qmodel = prepare_for(model, mcfg, spec, cfg.units).to(dev)
     store = RunStore(out, cfg.identity())
     fp_top1 = top1(model.to(dev), test, device=dev)
-    engine_kwargs = engine_for(mcfg).job_kwargs(holdout=holdout, out_dir=Path(out))
-    qmodel = quantize(model, calib.images, mcfg, spec, seed=cfg.seed, device=dev, units=cfg.units,
-                      progress=progress, store=store, engine_kwargs=engine_kwargs)
-    stats = qmodel.engine_stats
+    ctx = JobContext(calib.images, calib.labels, holdout, store, progress or NullProgress(), Path(out), cfg.seed, dev)
+    result = run_method(qmodel, mcfg, ctx)
+    qmodel, stats = result.model, result.stats
     report: dict[str, Any] = {
         "model": cfg.model, "method": cfg.method, "wbits": cfg.wbits, "abits": cfg.abits,
-        "calib_size": cfg.calib_size, "iters": mcfg.iters, "seed": cfg.seed,
+        "calib_size": cfg.calib_size if cfg.calib_size is not None else len(calib) + (0 if holdout is None else len(holdout)),
+        "iters": mcfg.iters, "seed": cfg.seed,
         "calib_source": cfg.calib_source, "synth": cfg.synth, "mixed_synth": cfg.mixed_synth,
         "calib_images": len(calib) + (0 if holdout is None else len(holdout)),
         "fp_top1": round(fp_top1, 2),
@@ -114,8 +121,9 @@ def run_job(cfg: RunConfig, out: str | Path, device: str = "auto", progress: Pro
         "seconds": round(time.perf_counter() - start, 1),
         "recon_seconds": round(recon, 1),
         "units": [dataclasses.asdict(s) for s in stats],
+        "unit_plan": [dataclasses.asdict(p) for p in qmodel.unit_plans],
         "device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(), "host": platform.node(),
     })
-    report.update(qmodel.engine.report_extra())
+    report.update(result.report)
     store.finish(qmodel, report)
     return report

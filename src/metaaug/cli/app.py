@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from metaaug.errors import MetaAugError
+from metaaug.methods.registry import method_names
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help="Low-bit post-training quantization (MetaAug, QDrop, BRECQ, AdaRound, RTN).")
 console = Console(stderr=True)
@@ -41,10 +42,11 @@ def friendly(fn):
 def quantize(
     model: Annotated[str, typer.Option(help="bundled name (resnet20, mobilenetv2) or path/to/file.py:factory")] = "resnet20",
     weights: Annotated[str | None, typer.Option(help="weights (.safetensors, or torch state dict) for --model")] = None,
-    method: Annotated[str, typer.Option(help="rtn | adaround | brecq | qdrop | metaaug")] = "qdrop",
+    method: Annotated[str, typer.Option(help=" | ".join(method_names()))] = "qdrop",
     wbits: Annotated[int, typer.Option(help="weight bits, 2..8")] = 2,
     abits: Annotated[int, typer.Option(help="activation bits, 2..8")] = 4,
-    calib_size: Annotated[int, typer.Option(help="calibration images (stratified from the train split)")] = 1024,
+    calib_size: Annotated[int | None, typer.Option(
+        help="calibration images, stratified (default: 1024 real images; with --calib-source synthetic, the whole set)")] = None,
     iters: Annotated[int, typer.Option(help="iterations per unit (the papers use 20000)")] = 2000,
     seed: Annotated[int, typer.Option()] = 0,
     data_dir: Annotated[str | None, typer.Option(help="folder of IDX files or train/ test/ image folders")] = None,
@@ -73,10 +75,7 @@ def quantize(
     cfg.spec()
     cfg.method_cfg()
     out = out or Path("runs") / f"{Path(model.split(':')[0]).stem}-{method}-w{wbits}a{abits}-s{seed}"
-    from metaaug.pipeline import build_quant_model
-
-    n_units = len(build_quant_model(cfg).unit_names)
-    with RichProgress(console, n_units) as prog:
+    with RichProgress(console) as prog:
         report = run_job(cfg, out, device, prog)
     out_console.print(report_table(report))
     out_console.print(f"run folder: {out}")

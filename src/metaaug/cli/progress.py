@@ -12,8 +12,8 @@ from metaaug.recon.engine import UnitStats
 class RichProgress:
     """One bar per unit, showing iterations and ms/iteration as it goes."""
 
-    def __init__(self, console: Console, n_units: int) -> None:
-        self.console, self.n_units = console, n_units
+    def __init__(self, console: Console) -> None:
+        self.console, self.n_units = console, 0
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
         self.task = None
@@ -24,6 +24,9 @@ class RichProgress:
 
     def __exit__(self, *exc) -> None:
         self.bar.__exit__(*exc)
+
+    def start(self, unit_names: list[str]) -> None:
+        self.n_units = len(unit_names)
 
     def unit_start(self, index: int, name: str, total: int) -> None:
         self.task = self.bar.add_task(f"unit {index + 1}/{self.n_units} {name}", total=max(total, 1), info="")
@@ -46,4 +49,9 @@ def report_table(report: dict) -> Table:
                 "seconds", "recon_seconds", "meta_seconds"):
         if key in report:
             table.add_row(key, str(report[key]))
+    if report.get("unit_plan"):
+        kinds: dict[str, int] = {}
+        for unit in report["unit_plan"]:
+            kinds[unit["found"]] = kinds.get(unit["found"], 0) + 1
+        table.add_row("units", f"{len(report['unit_plan'])} ({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))})")
     return table

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -19,11 +18,13 @@ from torch import nn
 from torch.func import functional_call
 
 from metaaug.errors import ConfigError
-from metaaug.methods.configs import QDropConfig, register
+from metaaug.methods.configs import QDropConfig
 from metaaug.methods.meta_losses import distill_kl, margin, mixup_pair, pkt
+from metaaug.methods.registry import JobContext, MethodResult, register_method
 from metaaug.methods.transform import TransformNet
+from metaaug.quant.prepare import QuantModel
 from metaaug.quant.quantizers import ActQuantizer, WeightQuantizer, qdrop_mix
-from metaaug.recon.engine import ENGINES, Reconstructor, UnitData, fp_mode, loop_threads, threads
+from metaaug.recon.engine import Reconstructor, UnitData, fp_mode, loop_threads, threads
 from metaaug.recon.loss import output_error
 from metaaug.recon.stepper import GraphStepper, map_chunks
 
@@ -31,7 +32,6 @@ INNER_OPTIMIZERS = ("sgd", "adam_fresh")
 BALANCES = ("cap", "none")
 
 
-@register
 @dataclass
 class MetaAugConfig(QDropConfig):
     """MetaAug (Pham et al., "MetaAug: Meta-Data Augmentation for Post-Training Quantization", ECCV 2024).
@@ -96,16 +96,11 @@ class MetaAugConfig(QDropConfig):
 class MetaAugReconstructor(Reconstructor):
     """QDrop reconstruction plus MetaAug's meta phase and transformed training images."""
 
-    def __init__(self, *args, holdout=None, out_dir: Path | None = None, **kwargs) -> None:
+    def __init__(self, *args, holdout_images: torch.Tensor | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.holdout_images = None if holdout is None else holdout.images
-        self.out_dir = out_dir
+        self.holdout_images = holdout_images
         self.meta_log: list[dict] = []
         self.curves: dict[str, list[dict]] = {}
-
-    @classmethod
-    def job_kwargs(cls, **available) -> dict:
-        return {"holdout": available.get("holdout"), "out_dir": available.get("out_dir")}
 
     # ---- set-up ------------------------------------------------------------------------------------
     def begin(self, images: torch.Tensor) -> None:
@@ -131,7 +126,7 @@ class MetaAugReconstructor(Reconstructor):
         self.snapshots: list[tuple[str, torch.Tensor]] = [("x", images[:8].clone())]
 
     def end(self) -> None:
-        """Drop the hook and the validation caches: the returned model keeps the engine for its report."""
+        """Drop the hook and the validation caches."""
         self._hook.remove()
         self.val_stepper = self.val_fp_logits = None
 
@@ -330,14 +325,21 @@ class MetaAugReconstructor(Reconstructor):
         name = self.qmodel.unit_names[k]
         return next(({kk: v for kk, v in m.items() if kk != "unit"} for m in self.meta_log if m["unit"] == name), {})
 
-    def report_extra(self) -> dict:
+    def report(self) -> dict:
+        """Method-specific report fields: meta time, validation source, per-unit meta losses."""
         meta = sum(m["meta_seconds"] for m in self.meta_log)
-        extra = {"meta_seconds": round(meta, 1), "validation": self.validation, "meta_units": self.meta_log}
-        if self.out_dir is not None:
-            from metaaug.viz import save_meta_plots
-
-            extra["plots"] = save_meta_plots(self.out_dir, self.snapshots, self.curves)
-        return extra
+        return {"meta_seconds": round(meta, 1), "validation": self.validation, "meta_units": self.meta_log}
 
 
-ENGINES[MetaAugConfig.name] = MetaAugReconstructor
+@register_method(MetaAugConfig)
+def metaaug(qmodel: QuantModel, cfg: MetaAugConfig, ctx: JobContext) -> MethodResult:
+    """Run MetaAug; validate on the held-out split when the job has one; write its figures to the job's folder."""
+    engine = MetaAugReconstructor(qmodel, cfg, seed=ctx.seed, device=ctx.device, progress=ctx.progress, store=ctx.store,
+                                  holdout_images=None if ctx.holdout is None else ctx.holdout.images)
+    stats = engine.run(ctx.images)
+    report = engine.report()
+    if ctx.out_dir is not None:
+        from metaaug.viz import save_meta_plots
+
+        report["plots"] = save_meta_plots(ctx.out_dir, engine.snapshots, engine.curves)
+    return MethodResult(qmodel, stats, report)

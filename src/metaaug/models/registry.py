@@ -33,11 +33,29 @@ def _load_factory(spec: str) -> Callable[[], nn.Module]:
         raise ModelError(f"cannot import {path} as a Python module")
     module = importlib.util.module_from_spec(mod_spec)
     sys.modules[mod_spec.name] = module
-    mod_spec.loader.exec_module(module)
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as exc:  # a user file: SyntaxError, ImportError, anything its top level raises
+        sys.modules.pop(mod_spec.name, None)
+        raise ModelError(f"model file {path} failed to import: {_reason(exc)}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ModelError(f"{path} has no callable named {attr!r}")
-    return factory
+
+    def build() -> nn.Module:
+        try:
+            return factory()
+        except Exception as exc:
+            raise ModelError(f"model factory {path}:{attr}() raised {_reason(exc)}") from None
+    return build
+
+
+def _reason(exc: BaseException) -> str:
+    """One line: the exception type, its first message line, and for syntax errors the line number."""
+    msg = str(exc).splitlines()[0] if str(exc) else ""
+    if isinstance(exc, SyntaxError):
+        msg = f"{exc.msg} (line {exc.lineno})"
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
 def build_model(name: str, weights: str | Path | None = None) -> nn.Module:
@@ -96,4 +114,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         if shapes:
             parts.append(f"{len(shapes)} with wrong shape (e.g. {shapes[0]})")
         raise ModelError(f"weights file {path} does not match the model: " + "; ".join(parts))
+    for key, t in state.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ModelError(f"weights file {path}: tensor '{key}' holds {int((~torch.isfinite(t)).sum())} NaN/Inf value(s)")
     model.load_state_dict(state)

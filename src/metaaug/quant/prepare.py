@@ -18,7 +18,7 @@ from metaaug.errors import ConfigError, ModelError
 from metaaug.quant.fold import fold_batchnorm
 from metaaug.quant.layers import SUPPORTED, QuantLayer
 from metaaug.quant.quantizers import ActQuantizer, check_bits
-from metaaug.quant.units import assign_units, check_unit_names, detect_blocks, warn_fallback
+from metaaug.quant.units import UnitFinder, UnitPlan, check_unit_names, warn_fallback
 
 ALLOWED_PARAM_FREE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh,
                       nn.Identity, nn.Flatten, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
@@ -43,11 +43,12 @@ class QuantSpec:
 class QuantModel(nn.Module):
     """The prepared fake-quant model: a split FX graph whose top-level submodules are the units."""
 
-    def __init__(self, gm: fx.GraphModule, unit_names: list[str]) -> None:
+    def __init__(self, gm: fx.GraphModule, plans: list[UnitPlan]) -> None:
         super().__init__()
         self.gm = gm
-        self.unit_names = unit_names
-        self.unit_targets = [f"submod_{i}" for i in range(len(unit_names))]
+        self.unit_plans = plans
+        self.unit_names = [p.name for p in plans]
+        self.unit_targets = [f"submod_{i}" for i in range(len(plans))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gm(x)
@@ -77,6 +78,14 @@ class QuantModel(nn.Module):
         for aq in self.act_quantizers():
             aq.scale.requires_grad_(False)
             aq.quant_prob = 1.0
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """NaN/Inf in a weight would quantize to garbage without an error: name the first such tensor."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise ModelError(f"model tensor '{name}' holds {bad} NaN/Inf value(s); the checkpoint is corrupt")
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
@@ -123,22 +132,16 @@ def _reaches_output_directly(node: fx.Node, layers: set[fx.Node]) -> bool:
 def prepare(model: nn.Module, spec: QuantSpec, units: str | Sequence[str] = "block") -> QuantModel:
     """Build the fake-quant model (quantization off) from a copy of `model`.
 
-    `units`: 'block' (auto-detected residual blocks, lone layers elsewhere), 'layer' (one unit per
-    Conv/Linear, AdaRound) or a list of module paths naming the blocks explicitly.
+    `units`: 'block' (blocks found from the graph: residual/concat regions, multi-layer modules, lone layers
+    elsewhere; see `quant.units`), 'layer' (one unit per Conv/Linear, AdaRound) or a list of module paths.
     """
     model = copy.deepcopy(model).eval()
     if not any(isinstance(m, SUPPORTED) for m in model.modules()):
         raise ModelError(f"{type(model).__name__} has no Conv2d or Linear layer to quantize")
-    if units == "layer":
-        blocks: list[str] = []
-    elif units == "block":
-        blocks = detect_blocks(model)
-        if not blocks:
-            warn_fallback(model)
-    elif isinstance(units, str):
+    check_finite_weights(model)
+    if isinstance(units, str) and units not in ("block", "layer"):
         raise ConfigError(f"units must be 'block', 'layer' or a list of module paths, got {units!r}")
-    else:
-        blocks = check_unit_names(model, units)
+    mode: str | list[str] = units if isinstance(units, str) else check_unit_names(model, units)
 
     gm = _trace(model)
     _check_layers(gm)
@@ -178,9 +181,11 @@ def prepare(model: nn.Module, spec: QuantSpec, units: str | Sequence[str] = "blo
         quantizer_src[qnode] = tensor
     gm.recompile()
 
-    unit_of, names = assign_units(gm.graph, blocks, layer_set.__contains__, quantizer_src.get)
+    unit_of, plans = UnitFinder(gm, layer_set.__contains__, quantizer_src.get).plan(mode)
+    if mode == "block" and all(p.found == "layer" for p in plans):
+        warn_fallback(type(model).__name__)
     split = split_module(gm, model, lambda n: unit_of[n], keep_original_order=True)
     targets = sorted({unit_of[n] for n in unit_of})
-    if targets != list(range(len(names))):
+    if targets != list(range(len(plans))):
         raise ModelError("internal error: unit partition is not contiguous")
-    return QuantModel(split, names)
+    return QuantModel(split, plans)

@@ -16,9 +16,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from metaaug.methods.configs import ReconConfig
 from metaaug.quant.prepare import QuantModel
 from metaaug.quant.quantizers import qdrop_mix
+from metaaug.recon.config import ReconConfig
 from metaaug.recon.loss import beta_at, output_error, rounding_penalty
 from metaaug.recon.stepper import GraphStepper, map_chunks
 
@@ -97,12 +97,16 @@ class UnitStats:
 
 
 class Progress(Protocol):
+    def start(self, unit_names: list[str]) -> None: ...
     def unit_start(self, index: int, name: str, total: int) -> None: ...
     def advance(self, steps: int) -> None: ...
     def unit_end(self, index: int, stats: UnitStats) -> None: ...
 
 
 class NullProgress:
+    def start(self, unit_names: list[str]) -> None:
+        pass
+
     def unit_start(self, index: int, name: str, total: int) -> None:
         pass
 
@@ -142,15 +146,6 @@ class Reconstructor:
         self.stats: list[UnitStats] = []
 
     # ---- hooks for methods built on the engine -------------------------------------------------
-    @classmethod
-    def job_kwargs(cls, **available) -> dict:
-        """Which of the job's extras (held-out images, run folder) this engine takes as constructor arguments."""
-        return {}
-
-    def report_extra(self) -> dict:
-        """Method-specific fields for report.json."""
-        return {}
-
     def begin(self, images: torch.Tensor) -> None:
         """Called once before the first unit."""
 
@@ -165,6 +160,7 @@ class Reconstructor:
         fp = GraphStepper(qm, images, self.device, cfg.cache_device, chunk)
         q = GraphStepper(qm, images, self.device, cfg.cache_device, chunk)
         done, self.stats = (self.store.restore(qm) if self.store else (0, []))
+        self.progress.start(list(qm.unit_names))
         self.begin(images)
         for k, name in enumerate(qm.unit_names):
             unit = qm.unit(k)
@@ -289,6 +285,3 @@ class Reconstructor:
             aq.scale.requires_grad_(False)
             aq.enabled = bool(aq.initialized)
 
-
-# method name -> engine class, for methods that extend the loop (MetaAug registers itself here)
-ENGINES: dict[str, type[Reconstructor]] = {}

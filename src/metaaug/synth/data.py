@@ -66,22 +66,24 @@ def _concat(a: ImageDataset, b: ImageDataset) -> ImageDataset:
     return ImageDataset(torch.cat([a.images, b.images]), torch.cat([a.labels, b.labels]), a.classes)
 
 
-def calibration_set(train: ImageDataset, source: str, synth: str | Path | None, n: int, seed: int,
+def calibration_set(train: ImageDataset, source: str, synth: str | Path | None, n: int | None, seed: int,
                     holdout: float = 0.0, mixed_synth: int | None = None) -> tuple[ImageDataset, ImageDataset | None]:
     """Calibration (and optional holdout) images for a run.
 
     `real`: `n` stratified training images (as before). `synthetic`: `n` images stratified from the synthetic
-    set. `mixed`: `n` real images plus `mixed_synth` stratified synthetic images (default: all of them; fewer keeps
+    set (all of them when `n` is None). `mixed`: `n` real images plus `mixed_synth` stratified synthetic images (default: all of them; fewer keeps
     the real images from being outnumbered). The holdout is taken from whatever set results.
     """
     check_calib_source(source, synth, mixed_synth)
+    if n is None and source != "synthetic":
+        raise ConfigError(f"--calib-source {source} needs a calibration size")
     if source == "real":
         return calibration_split(train, n, seed, holdout)
     syn = load_synthetic(synth)  # type: ignore[arg-type]
     if int(syn.labels.max()) >= len(train.classes):
         raise DataError(f"synthetic labels go up to {int(syn.labels.max())} but the data has {len(train.classes)} classes")
     if source == "synthetic":
-        return calibration_split(syn, n, seed, holdout)
+        return calibration_split(syn, len(syn) if n is None else n, seed, holdout)
     real = train.subset(stratified_indices(train.labels, n, seed))
     if mixed_synth is not None:
         if mixed_synth > len(syn):

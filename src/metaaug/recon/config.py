@@ -1,0 +1,49 @@
+"""The engine's configuration: the knobs every reconstruction method shares (methods subclass it)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from metaaug.errors import ConfigError
+
+
+@dataclass
+class ReconConfig:
+    """Knobs shared by every reconstruction method (BRECQ's loop: Adam, batch 32, 20k iterations per unit)."""
+
+    name: ClassVar[str] = "recon"
+    iters: int = 20000
+    batch_size: int = 32
+    units: str = "block"
+    lr_round: float = 1e-3
+    lr_act: float = 4e-5
+    lr_weight_scale: float = 0.0
+    round_weight: float | None = None
+    warmup: float = 0.2
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    quant_prob: float = 1.0
+    learn_rounding: bool = True
+    learn_act_scale: bool = True
+    cache_device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.iters < 0:
+            raise ConfigError(f"iters must be >= 0, got {self.iters}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 < self.quant_prob <= 1.0:
+            raise ConfigError(f"quant_prob must be in (0, 1], got {self.quant_prob}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"warmup must be in [0, 1), got {self.warmup}")
+
+    def resolved_round_weight(self, depthwise: bool) -> float:
+        """QDrop uses 0.01, and 0.1 for MobileNetV2 (models with depthwise convs)."""
+        if self.round_weight is not None:
+            return self.round_weight
+        return 0.1 if depthwise else 0.01
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.name, **dataclasses.asdict(self)}
