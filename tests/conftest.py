@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -77,6 +79,26 @@ def fmnist_test_small() -> ImageDataset:
 @pytest.fixture(scope="session")
 def calib256(fmnist_train: ImageDataset) -> ImageDataset:
     return calibration_split(fmnist_train, 256, seed=0)[0]
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    magic = bytes([0, 0, 8, array.ndim])
+    path.write_bytes(magic + np.array(array.shape, dtype=">i4").tobytes() + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fashion-MNIST with every 10th test image (1000): keeps the run's own evaluations short."""
+    from metaaug.data.datasets import FASHION_MNIST_DIR
+    from metaaug.data.idx import find_idx, read_idx
+
+    folder = tmp_path_factory.mktemp("fmnist_small")
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        src = find_idx(FASHION_MNIST_DIR, name)
+        (folder / src.name).symlink_to(src)
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        _write_idx(folder / name, read_idx(find_idx(FASHION_MNIST_DIR, name))[::10])
+    return folder
 
 
 @pytest.fixture(scope="session")

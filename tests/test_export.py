@@ -6,7 +6,6 @@ import builtins
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -47,26 +46,6 @@ def test_pack_rejects_out_of_range() -> None:
         pack_bits(torch.tensor([0, 4]), 2)
     with pytest.raises(ValueError, match="range"):
         pack_bits(torch.tensor([-3]), 2, signed=True)
-
-
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    magic = bytes([0, 0, 8, array.ndim])
-    path.write_bytes(magic + np.array(array.shape, dtype=">i4").tobytes() + array.astype(np.uint8).tobytes())
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Fashion-MNIST with every 10th test image (1000): keeps the run's own evaluations short."""
-    from metaaug.data.datasets import FASHION_MNIST_DIR
-    from metaaug.data.idx import find_idx, read_idx
-
-    folder = tmp_path_factory.mktemp("fmnist_small")
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
-        src = find_idx(FASHION_MNIST_DIR, name)
-        (folder / src.name).symlink_to(src)
-    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
-        _write_idx(folder / name, read_idx(find_idx(FASHION_MNIST_DIR, name))[::10])
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ from metaaug.errors import ConfigError
 from metaaug.evaluate import top1
 from metaaug.methods.registry import JobContext, method_config
 from metaaug.models.registry import build_model
+from metaaug.quant.cost import model_cost
+from metaaug.quant.policy import Policy
 from metaaug.quant.prepare import QuantModel, QuantSpec
 from metaaug.recon.engine import NullProgress, Progress
 from metaaug.store import QUANTIZED, RunStore, load_state, read_json
@@ -45,6 +47,7 @@ class RunConfig:
     calib_source: str = "real"
     synth: str | None = None
     mixed_synth: int | None = None
+    policy: dict[str, Any] | None = None  # per-layer bits, as in policy.json (overrides wbits/abits)
 
     def __post_init__(self) -> None:
         # None: every synthetic image for `synthetic`; the default number of real images for `real` and `mixed`
@@ -52,7 +55,8 @@ class RunConfig:
             self.calib_size = DEFAULT_CALIB_SIZE
 
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.wbits, self.abits, fold_bn=self.fold_bn)
+        return QuantSpec(self.wbits, self.abits, fold_bn=self.fold_bn,
+                         policy=None if self.policy is None else Policy.from_dict(self.policy))
 
     def method_cfg(self):
         overrides = dict(self.options)
@@ -114,6 +118,9 @@ def run_job(cfg: RunConfig, out: str | Path, device: str = "auto", progress: Pro
         "quant_top1": round(top1(qmodel, test, device=dev), 2),
         "calib_top1": round(top1(qmodel, calib, device=dev), 2),
     }
+    if cfg.policy is not None:
+        report["policy"] = cfg.spec().policy.to_dict()
+    report["cost"] = model_cost(qmodel, calib.images)
     if holdout is not None:
         report["holdout_top1"] = round(top1(qmodel, holdout, device=dev), 2)
     recon = sum(s.seconds - s.extra.get("meta_seconds", 0.0) for s in stats)

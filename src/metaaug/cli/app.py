@@ -19,6 +19,7 @@ from rich.markup import escape
 
 from metaaug.errors import MetaAugError
 from metaaug.methods.registry import method_names
+from metaaug.quant.policy import Policy
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help="Low-bit post-training quantization (MetaAug, QDrop, BRECQ, AdaRound, RTN).")
 console = Console(stderr=True)
@@ -60,6 +61,7 @@ def quantize(
     calib_source: Annotated[str, typer.Option(help="real | synthetic (--calib-size of --synth) | mixed (--calib-size real + synthetic)")] = "real",
     synth: Annotated[str | None, typer.Option(help="folder written by `metaaug synth` (for --calib-source synthetic|mixed)")] = None,
     mixed_synth: Annotated[int | None, typer.Option(help="--calib-source mixed: synthetic images to add (stratified; default all)")] = None,
+    policy: Annotated[Path | None, typer.Option(help="policy.json with per-layer bits (mixed precision); replaces --wbits/--abits")] = None,
 ) -> None:
     """Quantize a model and write report.json + quantized.safetensors to the run folder (resumes if interrupted)."""
     from metaaug.cli.progress import RichProgress, report_table
@@ -71,10 +73,12 @@ def quantize(
     cfg = RunConfig(model=model, weights=weights, method=method, wbits=wbits, abits=abits, calib_size=calib_size,
                     iters=iters, seed=seed, data_dir=data_dir, fold_bn=not no_fold_bn,
                     holdout=holdout, calib_source=calib_source, synth=synth, mixed_synth=mixed_synth,
-                    units=units.split(",") if units else None, options=options)
+                    units=units.split(",") if units else None, options=options,
+                    policy=None if policy is None else Policy.load(policy).to_dict())
     cfg.spec()
     cfg.method_cfg()
-    out = out or Path("runs") / f"{Path(model.split(':')[0]).stem}-{method}-w{wbits}a{abits}-s{seed}"
+    bits = "policy" if policy is not None else f"w{wbits}a{abits}"
+    out = out or Path("runs") / f"{Path(model.split(':')[0]).stem}-{method}-{bits}-s{seed}"
     with RichProgress(console) as prog:
         report = run_job(cfg, out, device, prog)
     out_console.print(report_table(report))
@@ -130,6 +134,33 @@ def train(
         raise MetaAugError(f"unknown model {model!r}; trainable: {', '.join(BUNDLED)}")
     card = train_fn(model, epochs, 128, 0.2, 5e-4, seed, out or WEIGHTS_DIR)
     out_console.print_json(json.dumps(card))
+
+
+@app.command()
+@friendly
+def cost(
+    model: Annotated[str, typer.Option(help="bundled name or path/to/file.py:factory")] = "resnet20",
+    weights: Annotated[str | None, typer.Option(help="weights for --model (needed for a user model)")] = None,
+    policy: Annotated[Path | None, typer.Option(help="policy.json to cost (default: uniform --wbits/--abits)")] = None,
+    wbits: Annotated[int, typer.Option(help="uniform weight bits when no --policy")] = 4,
+    abits: Annotated[int, typer.Option(help="uniform activation bits when no --policy")] = 4,
+    data_dir: Annotated[str | None, typer.Option(help="data whose image shape the model takes")] = None,
+    write_policy: Annotated[Path | None, typer.Option(help="write the costed policy as JSON (a template to edit)")] = None,
+) -> None:
+    """Weight memory and BOPs of a bit-width policy, per layer and in total, against FP32 and uniform W8A8."""
+    from metaaug.cli.progress import cost_table
+    from metaaug.data import load_dataset
+    from metaaug.models.registry import build_model
+    from metaaug.quant.cost import model_bits, model_cost
+    from metaaug.quant.prepare import QuantSpec, prepare
+
+    spec = QuantSpec(wbits, abits, policy=None if policy is None else Policy.load(policy))
+    qmodel = prepare(build_model(model, weights), spec, "layer")
+    report = model_cost(qmodel, load_dataset(data_dir, "test").images[:1])
+    out_console.print(cost_table(report))
+    if write_policy is not None:
+        Policy(model_bits(qmodel)).save(write_policy)
+        out_console.print(f"policy written to {write_policy}")
 
 
 def parse_options(items: list[str]) -> dict:

@@ -42,16 +42,36 @@ class RichProgress:
 
 
 def report_table(report: dict) -> Table:
-    table = Table(title=f"{report['model']} {report['method']} W{report['wbits']}A{report['abits']}")
+    bits = "mixed-precision policy" if "policy" in report else f"W{report['wbits']}A{report['abits']}"
+    table = Table(title=f"{report['model']} {report['method']} {bits}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("fp_top1", "quant_top1", "calib_top1", "holdout_top1", "calib_size", "iters", "seed",
                 "seconds", "recon_seconds", "meta_seconds"):
         if key in report:
             table.add_row(key, str(report[key]))
+    if "cost" in report:
+        c = report["cost"]
+        table.add_row("weights", f"{c['weight_kb']:.1f} KB ({100 * c['weight_vs_w8a8']:.1f}% of W8A8), avg {c['avg_wbits']:.2f} bits")
+        table.add_row("BOPs", f"{c['gbops']:.3f} G ({100 * c['bops_vs_w8a8']:.1f}% of W8A8)")
     if report.get("unit_plan"):
         kinds: dict[str, int] = {}
         for unit in report["unit_plan"]:
             kinds[unit["found"]] = kinds.get(unit["found"], 0) + 1
         table.add_row("units", f"{len(report['unit_plan'])} ({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))})")
+    return table
+
+
+def cost_table(cost: dict) -> Table:
+    """Per-layer bits, weight memory and BOPs, then the totals against FP32 and uniform W8A8."""
+    table = Table(title="cost of the bit-width policy")
+    for col in ("layer", "W", "A", "params", "MACs", "weight KB", "MBOPs"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for r in cost["layers"]:
+        table.add_row(r["name"], str(r["wbits"]), "image" if r["abits"] is None else str(r["abits"]), str(r["params"]),
+                      str(r["macs"]), f"{r['weight_bits'] / 8192:.2f}", f"{r['bops'] / 1e6:.1f}")
+    table.add_section()
+    table.add_row("total", f"{cost['avg_wbits']:.2f}", "", "", "", f"{cost['weight_kb']:.2f}", f"{cost['gbops'] * 1e3:.1f}")
+    table.add_row("vs FP32", "", "", "", "", f"{100 * cost['weight_vs_fp32']:.1f}%", f"{100 * cost['bops_vs_fp32']:.2f}%")
+    table.add_row("vs W8A8", "", "", "", "", f"{100 * cost['weight_vs_w8a8']:.1f}%", f"{100 * cost['bops_vs_w8a8']:.1f}%")
     return table

@@ -24,6 +24,8 @@ class QuantLayer(nn.Module):
         self.wq = WeightQuantizer(bits, layer.weight.shape[0], layer.weight.dim())
         self.wq.init_scale(layer.weight)
         self.quantize_weight = False
+        self.path = ""  # module path in the original model (set by prepare; policies and costs are keyed by it)
+        self.abits: int | None = None  # bits of the input activation; None where the input is the raw image
 
     @property
     def weight(self) -> torch.Tensor:

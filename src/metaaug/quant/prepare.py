@@ -17,6 +17,7 @@ from torch.fx.passes.split_module import split_module
 from metaaug.errors import ConfigError, ModelError
 from metaaug.quant.fold import fold_batchnorm
 from metaaug.quant.layers import SUPPORTED, QuantLayer
+from metaaug.quant.policy import Policy
 from metaaug.quant.quantizers import ActQuantizer, check_bits
 from metaaug.quant.units import UnitFinder, UnitPlan, check_unit_names, warn_fallback
 
@@ -27,17 +28,24 @@ ALLOWED_PARAM_FREE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.Hardsigm
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """Bit-widths in the QDrop setting: first layer W8 on the raw image, last layer W8 with an A8 input."""
+    """Bit-widths in the QDrop setting: first layer W8 on the raw image, last layer W8 with an A8 input.
+
+    With a `policy` (mixed precision) every layer takes its own weight and input-activation bits from it instead,
+    the first and last layers included.
+    """
 
     wbits: int = 4
     abits: int = 4
     first_last_bits: int = 8
     fold_bn: bool = True
+    policy: Policy | None = None
 
     def __post_init__(self) -> None:
         check_bits(self.wbits, "weight bit-width (wbits)")
         check_bits(self.abits, "activation bit-width (abits)")
         check_bits(self.first_last_bits, "first/last layer bit-width")
+        if self.policy is not None and not isinstance(self.policy, Policy):  # e.g. from dataclasses.asdict / JSON
+            object.__setattr__(self, "policy", Policy.from_dict(self.policy))
 
 
 class QuantModel(nn.Module):
@@ -129,6 +137,17 @@ def _reaches_output_directly(node: fx.Node, layers: set[fx.Node]) -> bool:
     return False
 
 
+def _input_bits(spec: QuantSpec, consumers: list[fx.Node], last: set[fx.Node]) -> int:
+    """Bits of the quantizer on a tensor: all layers reading it share that quantizer, so their policy must agree."""
+    if spec.policy is None:
+        return spec.first_last_bits if any(u in last for u in consumers) else spec.abits
+    wanted = {str(u.target): spec.policy.layers[str(u.target)].abits for u in consumers}
+    if len(set(wanted.values())) > 1:
+        pairs = ", ".join(f"{k}: A{v}" for k, v in wanted.items())
+        raise ConfigError(f"policy gives different abits to layers that read the same tensor ({pairs}); they share one quantizer")
+    return next(iter(wanted.values()))
+
+
 def prepare(model: nn.Module, spec: QuantSpec, units: str | Sequence[str] = "block") -> QuantModel:
     """Build the fake-quant model (quantization off) from a copy of `model`.
 
@@ -160,9 +179,16 @@ def prepare(model: nn.Module, spec: QuantSpec, units: str | Sequence[str] = "blo
     layer_set = set(layers)
     first = {n for n in layers if all(a.op == "placeholder" for a in n.all_input_nodes)}
     last = {n for n in layers if _reaches_output_directly(n, layer_set)}
-    for n in first | last:
-        modules[n.target].wq.bits = spec.first_last_bits
-        modules[n.target].wq.init_scale(modules[n.target].weight)
+    if spec.policy is not None:
+        spec.policy.check_layers([str(n.target) for n in layers])
+    for n in layers:
+        ql = modules[n.target]
+        ql.path = str(n.target)
+        bits = spec.policy.layers[ql.path].wbits if spec.policy is not None else (
+            spec.first_last_bits if n in first or n in last else spec.wbits)
+        if bits != ql.wq.bits:
+            ql.wq.bits = bits
+            ql.wq.init_scale(ql.weight)
 
     # one activation quantizer per tensor consumed by a quantized layer (the raw input excepted)
     aq_root = nn.Module()
@@ -172,7 +198,9 @@ def prepare(model: nn.Module, spec: QuantSpec, units: str | Sequence[str] = "blo
         consumers = [u for u in tensor.users if u in layer_set]
         if not consumers or tensor.op == "placeholder":
             continue
-        bits = spec.first_last_bits if any(u in last for u in consumers) else spec.abits
+        bits = _input_bits(spec, consumers, last)
+        for u in consumers:
+            modules[u.target].abits = bits
         name = tensor.name.replace(".", "_")
         aq_root.add_module(name, ActQuantizer(bits))
         with gm.graph.inserting_after(tensor):
