@@ -91,3 +91,11 @@ def test_cli_quantize_writes_report_and_eval_reproduces(tmp_path):
     res = runner.invoke(app, ["eval", "--run", str(out)])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.strip().splitlines()[-1])["quant_top1"] == report["quant_top1"]
+
+
+def test_run_store_accepts_its_own_config_with_tuples(tmp_path):
+    """A config holding tuples (MetaAug's loss terms) is stored as JSON lists; re-opening must not see a change."""
+    RunStore(tmp_path, {"terms": ("kl", "pkt"), "x": 1})
+    RunStore(tmp_path, {"terms": ("kl", "pkt"), "x": 1})
+    with pytest.raises(Exception, match="different config"):
+        RunStore(tmp_path, {"terms": ("kl",), "x": 1})

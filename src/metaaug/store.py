@@ -46,7 +46,7 @@ class RunStore:
 
     def __init__(self, out: str | Path, config: dict[str, Any]) -> None:
         self.out = Path(out)
-        self.config = config
+        self.config = config = json.loads(json.dumps(config))  # as stored: tuples compare as the lists JSON gives back
         cfg_path = self.out / CONFIG
         if cfg_path.exists():
             old = json.loads(cfg_path.read_text())

@@ -66,3 +66,45 @@ def save_meta_plots(out_dir: Path, snapshots: list[tuple[str, torch.Tensor]], cu
         plt.close(fig)
         written.append("meta_losses.png")
     return written
+
+
+def save_search_plots(out: Path, summary: dict, budget_kind: str) -> list[str]:
+    """pareto.png: every candidate's average weight bits vs held-out top-1, uniform policies and the winner marked;
+    generations.png: best and mean fitness per generation (and MetaQuantNet's training curve when there is one)."""
+    out = Path(out)
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    cands = summary["candidates"]
+    ax.scatter([c["avg_wbits"] for c in cands], [c["top1"] for c in cands], s=10, alpha=0.5, label="GA candidates")
+    uni = summary["uniform"]
+    ax.scatter([u["cost"]["avg_wbits"] for u in uni.values()], [u["top1"] for u in uni.values()], marker="s", color="black",
+               label="uniform")
+    for name, u in uni.items():
+        ax.annotate(name, (u["cost"]["avg_wbits"], u["top1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    best = summary["best"]
+    ax.scatter([best["cost"]["avg_wbits"]], [best["top1"]], marker="*", s=160, color="red", label="chosen policy")
+    if budget_kind == "avg_wbits":
+        ax.axvline(summary["budget"]["limit"], color="red", linestyle=":", label="budget")
+    ax.set_xlabel("average weight bits (parameter-weighted)")
+    ax.set_ylabel("held-out top-1 with generated weights (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=110)
+    plt.close(fig)
+    panels = 2 if summary["meta_curve"] else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
+    hist = summary["history"]
+    axes[0][0].plot([h["generation"] for h in hist], [h["best_fitness"] for h in hist], label="best")
+    axes[0][0].plot([h["generation"] for h in hist], [h["mean_fitness"] for h in hist], label="population mean")
+    axes[0][0].set_xlabel("generation")
+    axes[0][0].set_ylabel("fitness on the held-out split")
+    axes[0][0].legend(fontsize=8)
+    if summary["meta_curve"]:
+        curve = summary["meta_curve"]
+        axes[0][1].plot([c["step"] for c in curve], [c["loss"] for c in curve])
+        axes[0][1].set_xlabel("MetaQuantNet step")
+        axes[0][1].set_ylabel("KL to FP (mean over sampled policies)")
+        axes[0][1].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(out / "generations.png", dpi=110)
+    plt.close(fig)
+    return ["pareto.png", "generations.png"]

@@ -177,7 +177,7 @@ def parse_options(items: list[str]) -> dict:
 
 
 import metaaug.cli.export_cmd  # noqa: E402,F401  (registers `metaaug export`)
-from metaaug.cli import synth_cmd  # noqa: E402,F401  (registers `metaaug synth`)
+from metaaug.cli import search_cmd, synth_cmd  # noqa: E402,F401  (register `metaaug search` and `metaaug synth`)
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ class QuantLayer(nn.Module):
         self.quantize_weight = False
         self.path = ""  # module path in the original model (set by prepare; policies and costs are keyed by it)
         self.abits: int | None = None  # bits of the input activation; None where the input is the raw image
+        self.edge: str | None = None  # "first" (reads the image) or "last" (its output is the model's), else None
 
     @property
     def weight(self) -> torch.Tensor:

@@ -184,6 +184,7 @@ def prepare(model: nn.Module, spec: QuantSpec, units: str | Sequence[str] = "blo
     for n in layers:
         ql = modules[n.target]
         ql.path = str(n.target)
+        ql.edge = "first" if n in first else "last" if n in last else None
         bits = spec.policy.layers[ql.path].wbits if spec.policy is not None else (
             spec.first_last_bits if n in first or n in last else spec.wbits)
         if bits != ql.wq.bits:
@@ -202,7 +203,9 @@ def prepare(model: nn.Module, spec: QuantSpec, units: str | Sequence[str] = "blo
         for u in consumers:
             modules[u.target].abits = bits
         name = tensor.name.replace(".", "_")
-        aq_root.add_module(name, ActQuantizer(bits))
+        aq = ActQuantizer(bits)
+        aq.consumers = [str(u.target) for u in consumers]
+        aq_root.add_module(name, aq)
         with gm.graph.inserting_after(tensor):
             qnode = gm.graph.call_module(f"aq.{name}", (tensor,))
         tensor.replace_all_uses_with(qnode, delete_user_cb=lambda u, q=qnode: u is not q)

@@ -159,8 +159,8 @@ class WeightQuantizer(nn.Module):
 
     def integer(self, w: torch.Tensor) -> torch.Tensor:
         """The integer grid index `q - z` in [-z, 2^b - 1 - z] (differentiable in soft mode)."""
-        if self.mode == "nearest":
-            return ((w / self.scale).round() + self.zero_point).clamp(0, self.levels) - self.zero_point
+        if self.mode == "nearest":  # straight-through: a generator of w (MetaQuantNet) or a learned scale gets gradients
+            return (round_ste(w / self.scale) + self.zero_point).clamp(0, self.levels) - self.zero_point
         up = self.h() if self.mode == "soft" else (self.alpha >= 0).to(w.dtype)
         return torch.clamp(self.w_floor + up, -self.zero_point, self.levels - self.zero_point)
 
@@ -208,6 +208,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.enabled = False
         self.quant_prob = 1.0
+        self.consumers: list[str] = []  # paths of the quantized layers reading this tensor (set by prepare)
         self.observing = False
         self._observed: list[torch.Tensor] = []
 

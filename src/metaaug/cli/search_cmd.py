@@ -1,0 +1,95 @@
+"""`metaaug search`: MetaQuantNet + genetic search for per-layer bit-widths under a budget; writes policy.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from metaaug.cli.app import app, console, friendly, out_console
+from metaaug.errors import ConfigError
+
+
+def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+class RichSearchProgress:
+    """One bar per phase (MetaQuantNet steps, GA generations) with the current loss or best fitness."""
+
+    def __init__(self) -> None:
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+        self.task = None
+
+    def __enter__(self) -> RichSearchProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def phase(self, name: str, total: int) -> None:
+        self.task = self.bar.add_task(name, total=max(total, 1), info="")
+
+    def advance(self, steps: int, info: str) -> None:
+        self.bar.update(self.task, advance=steps, info=info)
+
+
+@app.command()
+@friendly
+def search(
+    model: Annotated[str, typer.Option(help="bundled name or path/to/file.py:factory")] = "resnet20",
+    weights: Annotated[str | None, typer.Option(help="weights for --model")] = None,
+    wbits_choices: Annotated[str, typer.Option(help="weight bit-widths to search, e.g. 2,3,4,8")] = "2,3,4,8",
+    abits_choices: Annotated[str | None, typer.Option(help="activation bit-widths to search (default: weights only, at --abits)")] = None,
+    abits: Annotated[int, typer.Option(help="activation bits when they are not searched")] = 4,
+    avg_wbits: Annotated[float | None, typer.Option(help="budget: average weight bits (parameter-weighted)")] = None,
+    weight_kb: Annotated[float | None, typer.Option(help="budget: weight memory in KB (packed-format accounting)")] = None,
+    weight_vs_w8: Annotated[float | None, typer.Option(help="budget: weight memory as a fraction of uniform W8")] = None,
+    bops_vs_w8a8: Annotated[float | None, typer.Option(help="budget: BOPs as a fraction of uniform W8A8")] = None,
+    bops: Annotated[float | None, typer.Option(help="budget: BOPs (MACs x wbits x abits) per image")] = None,
+    generations: Annotated[int, typer.Option(help="GA generations")] = 20,
+    population: Annotated[int, typer.Option(help="GA population")] = 50,
+    meta_steps: Annotated[int, typer.Option(help="MetaQuantNet training steps (0 = the round-to-nearest proxy)")] = 1000,
+    calib_size: Annotated[int, typer.Option(help="calibration images (a --holdout share scores the candidates)")] = 1024,
+    holdout: Annotated[float, typer.Option(help="fraction of the calibration images held out for fitness")] = 0.2,
+    fitness: Annotated[str, typer.Option(help="kl (label-free) | top1")] = "kl",
+    seed: Annotated[int, typer.Option()] = 0,
+    data_dir: Annotated[str | None, typer.Option()] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    out: Annotated[Path, typer.Option(help="folder for policy.json, search.json and plots (resumes if interrupted)")] = Path("runs/search"),
+) -> None:
+    """Train MetaQuantNet once, search per-layer bits with a genetic algorithm under one budget, write policy.json.
+    Finish the policy with `metaaug quantize --policy DIR/policy.json`."""
+    from metaaug.search import GAConfig, MetaQuantConfig, SearchConfig, run_search
+
+    budgets = {k: v for k, v in {"avg_wbits": avg_wbits, "weight_kb": weight_kb, "weight_vs_w8": weight_vs_w8,
+                                 "bops_vs_w8a8": bops_vs_w8a8, "bops": bops}.items() if v is not None}
+    if len(budgets) != 1:
+        raise ConfigError("give exactly one budget: --avg-wbits, --weight-kb, --weight-vs-w8, --bops or --bops-vs-w8a8")
+    (kind, limit), = budgets.items()
+    if meta_steps < 0:
+        raise ConfigError(f"--meta-steps must be >= 0, got {meta_steps}")
+    cfg = SearchConfig(model=model, weights=weights, wbits_choices=_ints(wbits_choices, "--wbits-choices") or (),
+                       abits_choices=_ints(abits_choices, "--abits-choices"), abits=abits, budget_kind=kind, budget=limit,
+                       calib_size=calib_size, holdout=holdout, seed=seed, data_dir=data_dir, fitness=fitness,
+                       proxy="metaquant" if meta_steps > 0 else "rtn", meta=MetaQuantConfig(steps=meta_steps),
+                       ga=GAConfig(population=population, generations=generations))
+    with RichSearchProgress() as prog:
+        summary = run_search(cfg, out, device, prog)
+    best = summary["best"]
+    out_console.print(f"policy: {out / 'policy.json'}  ({kind} {best['cost'][{'weight_vs_w8': 'weight_vs_w8a8'}.get(kind, kind)]:g} "
+                      f"<= {limit:g}, avg weight bits {best['cost']['avg_wbits']:.3f}, held-out top-1 {best['top1']:.2f}, "
+                      f"KL {best['kl']:.4f})")
+    for name, u in summary["uniform"].items():
+        out_console.print(f"  uniform {name}: avg bits {u['cost']['avg_wbits']:.3f}, top-1 {u['top1']:.2f}, KL {u['kl']:.4f}"
+                          f"{'' if u['fits_budget'] else '  (over budget)'}")
+    out_console.print(f"seconds: {summary['seconds']}; next: metaaug quantize --policy {out / 'policy.json'} --method qdrop")

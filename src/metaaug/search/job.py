@@ -1,0 +1,228 @@
+"""A whole mixed-precision search: train MetaQuantNet once, run the genetic search under a budget with fitness on a
+held-out split of the calibration images, write `policy.json`, `search.json` and plots. Resumable.
+
+`proxy='rtn'` skips MetaQuantNet training: candidates are then scored with round-to-nearest weights and
+Lp-searched steps (MetaQuantNet at its start is exactly that), the baseline that shows what the meta network buys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from metaaug.api import resolve_device
+from metaaug.data import calibration_split, load_dataset
+from metaaug.errors import ConfigError
+from metaaug.models.registry import build_model
+from metaaug.quant.prepare import QuantSpec, prepare
+from metaaug.search.genetic import GAConfig, GAState, best_genome, genetic_search
+from metaaug.search.metaquant import MetaQuantConfig, MetaQuantNet, train_step
+from metaaug.search.space import Budget, Genome, SearchSpace
+from metaaug.store import RunStore
+
+PROXIES = ("metaquant", "rtn")
+FITNESS = ("kl", "top1")
+NET_FILE, NET_PROGRESS, STATE_FILE = "metaquant.pt", "metaquant_progress.pt", "search_state.json"
+SAVE_EVERY = 100
+
+
+@dataclass
+class SearchConfig:
+    """A search job (Wang et al. 2020's MetaQuantNet + GA); stored as the run folder's config.json."""
+
+    model: str = "resnet20"
+    weights: str | None = None
+    wbits_choices: tuple[int, ...] = (2, 3, 4, 8)
+    abits_choices: tuple[int, ...] | None = None  # None: weights only, every activation at `abits`
+    abits: int = 4
+    budget_kind: str = "avg_wbits"
+    budget: float = 3.0
+    calib_size: int = 1024
+    holdout: float = 0.2
+    seed: int = 0
+    data_dir: str | None = None
+    proxy: str = "metaquant"
+    fitness: str = "kl"  # kl: -KL to the FP logits (label-free, continuous); top1: held-out accuracy, KL breaking ties
+    meta: MetaQuantConfig = field(default_factory=MetaQuantConfig)
+    ga: GAConfig = field(default_factory=GAConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.meta, dict):
+            self.meta = MetaQuantConfig(**self.meta)
+        if isinstance(self.ga, dict):
+            self.ga = GAConfig(**self.ga)
+        self.wbits_choices = tuple(self.wbits_choices)
+        self.abits_choices = tuple(self.abits_choices) if self.abits_choices else None
+        if self.proxy not in PROXIES:
+            raise ConfigError(f"unknown proxy {self.proxy!r}; use one of {', '.join(PROXIES)}")
+        if self.fitness not in FITNESS:
+            raise ConfigError(f"unknown fitness {self.fitness!r}; use one of {', '.join(FITNESS)}")
+        if not 0 < self.holdout < 1:
+            raise ConfigError(f"the search scores candidates on a held-out split: --holdout must be in (0, 1), got {self.holdout}")
+        Budget(self.budget_kind, self.budget)
+
+
+class SearchProgress(Protocol):
+    def phase(self, name: str, total: int) -> None: ...
+    def advance(self, steps: int, info: str) -> None: ...
+
+
+class _Quiet:
+    def phase(self, name: str, total: int) -> None:
+        pass
+
+    def advance(self, steps: int, info: str) -> None:
+        pass
+
+
+def _genome_key(g: Genome) -> str:
+    return ",".join(map(str, g))
+
+
+def _save_state(path: Path, state: GAState) -> None:
+    rng = state.rng_state
+    data = {"generation": state.generation, "population": [list(g) for g in state.population],
+            "scores": {_genome_key(g): r for g, r in state.scores.items()}, "history": state.history,
+            "rng_state": [rng[0], list(rng[1]), rng[2]] if rng else None}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def _load_state(path: Path) -> GAState | None:
+    if not path.exists():
+        return None
+    d = json.loads(path.read_text())
+    rng = d["rng_state"]
+    return GAState(d["generation"], [tuple(g) for g in d["population"]],
+                   {tuple(int(v) for v in k.split(",")): r for k, r in d["scores"].items()}, d["history"],
+                   (rng[0], tuple(rng[1]), rng[2]) if rng else None)
+
+
+def train_metaquant(net: MetaQuantNet, space: SearchSpace, images: torch.Tensor, cfg: SearchConfig, out: Path,
+                    progress: SearchProgress) -> list[dict]:
+    """Train once: per step a random policy (plus the all-lowest and all-highest ones), KL to the FP logits.
+    Saves progress every SAVE_EVERY steps; a rerun continues from there and ends where an uninterrupted run would."""
+    mcfg, dev = cfg.meta, next(net.parameters()).device
+    opt = torch.optim.Adam(net.parameters(), lr=mcfg.lr)
+    rng, gen = random.Random(cfg.seed + 17), torch.Generator().manual_seed(cfg.seed + 19)
+    start, curve = 0, []
+    if (out / NET_PROGRESS).exists():
+        saved = torch.load(out / NET_PROGRESS, map_location=dev, weights_only=True)
+        net.load_state_dict(saved["net"])
+        opt.load_state_dict(saved["opt"])
+        gen.set_state(saved["gen"])
+        rng.setstate((saved["rng"][0], tuple(saved["rng"][1]), saved["rng"][2]))
+        start, curve = saved["step"], json.loads(saved["curve"])
+    with torch.no_grad():
+        targets = torch.cat([net.fp_logits(images[i:i + 256].to(dev)) for i in range(0, len(images), 256)])
+    progress.phase("MetaQuantNet", mcfg.steps)
+    progress.advance(start, "resumed" if start else "")
+    low, high = space.policy(space.lowest()), space.policy(space.highest())
+    for step in range(start, mcfg.steps):
+        idx = torch.randint(len(images), (mcfg.batch_size,), generator=gen)
+        policies = [space.policy(space.random(rng))] + ([low, high] if mcfg.sandwich else [])
+        loss = train_step(net, opt, images[idx].to(dev), targets[idx.to(dev)], policies)
+        if step % 10 == 0 or step == mcfg.steps - 1:
+            curve.append({"step": step, "loss": round(loss, 6)})
+        progress.advance(1, f"KL {loss:.4f}")
+        if (step + 1) % SAVE_EVERY == 0 and step + 1 < mcfg.steps:
+            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "step": step + 1,
+                        "rng": [rng.getstate()[0], list(rng.getstate()[1]), rng.getstate()[2]], "curve": json.dumps(curve)},
+                       out / NET_PROGRESS)
+    return curve
+
+
+@torch.no_grad()
+def score(net: MetaQuantNet, space: SearchSpace, images: torch.Tensor, labels: torch.Tensor, fp: torch.Tensor,
+          genomes: list[Genome], fitness: str = "kl") -> list[dict]:
+    """Fitness of each genome on the held-out images with generated weights (-KL to the FP model, or top-1 in %
+    with KL breaking ties), with both measures reported."""
+    dev = next(net.parameters()).device
+    out = []
+    for g in genomes:
+        pol = space.policy(g)
+        logits = torch.cat([net(images[i:i + 512].to(dev), pol) for i in range(0, len(images), 512)])
+        top1 = 100.0 * float((logits.argmax(1).cpu() == labels).float().mean())
+        kl = float(torch.nn.functional.kl_div(logits.log_softmax(1), fp.log_softmax(1), log_target=True, reduction="batchmean"))
+        fit = -kl if fitness == "kl" else top1 - 1e-3 * kl
+        out.append({"fitness": round(fit, 6), "top1": round(top1, 2), "kl": round(kl, 6)})
+    return out
+
+
+def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progress: SearchProgress | None = None) -> dict[str, Any]:
+    """Search per `cfg`; writes policy.json, search.json and PNGs into `out` and returns the summary."""
+    t0 = time.perf_counter()
+    progress = progress or _Quiet()
+    out, dev = Path(out), resolve_device(device)
+    budget = Budget(cfg.budget_kind, cfg.budget)
+    model = build_model(cfg.model, cfg.weights)
+    calib, hold = calibration_split(load_dataset(cfg.data_dir, "train"), cfg.calib_size, cfg.seed, cfg.holdout)
+    qmodel = prepare(model, QuantSpec(8, 8), "layer").to(dev)
+    space = SearchSpace(qmodel, calib.images, cfg.wbits_choices, cfg.abits_choices, cfg.abits)
+    space.check_budget(budget)
+    RunStore(out, {"kind": "search", **dataclasses.asdict(cfg)})  # claims the folder; refuses another config
+    torch.manual_seed(cfg.seed)
+    net = MetaQuantNet(qmodel, calib.images, space.wchoices, space.achoices or (cfg.abits,), space.wgenes, cfg.meta).to(dev)
+    t_meta = time.perf_counter()
+    curve: list[dict] = []
+    if cfg.proxy == "metaquant":
+        if (out / NET_FILE).exists():
+            saved = torch.load(out / NET_FILE, map_location=dev, weights_only=True)
+            net.load_state_dict(saved["net"])
+            curve = json.loads(saved["curve"])
+        else:
+            curve = train_metaquant(net, space, calib.images, cfg, out, progress)
+            torch.save({"net": net.state_dict(), "curve": json.dumps(curve)}, out / NET_FILE)
+            (out / NET_PROGRESS).unlink(missing_ok=True)
+    meta_seconds = time.perf_counter() - t_meta
+    net.eval()
+    fp = torch.cat([net.fp_logits(hold.images[i:i + 512].to(dev)) for i in range(0, len(hold), 512)]).cpu()
+
+    def evaluate(genomes: list[Genome]) -> list[dict]:
+        return score(net, space, hold.images, hold.labels, fp, genomes, cfg.fitness)
+
+    uniform = {f"W{w}" + (f"A{a}" if space.achoices else f"A{cfg.abits}"): space.uniform(w, a)
+               for w in space.wchoices for a in (space.achoices or (None,))}
+    uniform_scores = dict(zip(uniform, evaluate(list(uniform.values())), strict=True))
+    fits = [g for g in uniform.values() if budget.value(space.cost(g)) <= budget.limit]
+
+    def on_generation(state: GAState) -> None:
+        _save_state(out / STATE_FILE, state)
+        h = state.history[-1]
+        progress.advance(1, f"best {h['best_fitness']:.2f} at {cfg.budget_kind} {h['best_cost']:.4g}/{budget.limit:g}")
+
+    t_ga = time.perf_counter()
+    state = _load_state(out / STATE_FILE)
+    progress.phase("genetic search", cfg.ga.generations)
+    progress.advance(state.generation if state else 0, "resumed" if state else "")
+    state = genetic_search(space, budget, cfg.ga, evaluate, cfg.seed, state, on_generation, seeds=fits)
+    _save_state(out / STATE_FILE, state)
+    best = best_genome(state, budget)
+    policy = space.policy(best)
+    policy.save(out / "policy.json")
+    cost = space.cost(best)
+    summary = {
+        "best": {"genome": list(best), **state.scores[best], "cost": cost},
+        "budget": {"kind": cfg.budget_kind, "limit": cfg.budget},
+        "uniform": {k: {"genome": list(g), **uniform_scores[k], "cost": space.cost(g),
+                        "fits_budget": budget.value(space.cost(g)) <= budget.limit} for k, g in uniform.items()},
+        "candidates": [{"genome": list(g), **r, "avg_wbits": space.cost(g)["avg_wbits"]} for g, r in state.scores.items()],
+        "history": state.history, "meta_curve": curve,
+        "genes": {"wbits": space.wgenes, "abits": space.agroups if space.achoices else []},
+        "seconds": {"metaquant": round(meta_seconds, 1), "search": round(time.perf_counter() - t_ga, 1),
+                    "total": round(time.perf_counter() - t0, 1)},
+        "calib_images": len(calib), "holdout_images": len(hold), "device": str(dev),
+    }
+    from metaaug.viz import save_search_plots
+
+    summary["plots"] = save_search_plots(out, summary, cfg.budget_kind)
+    (out / "search.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary

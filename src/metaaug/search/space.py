@@ -1,0 +1,116 @@
+"""The mixed-precision search space of a prepared model: genes, the policies they encode, and the budget.
+
+A genome holds one weight-bit gene per searchable layer, then (unless weights only) one activation-bit gene per
+activation quantizer (a tensor that several layers read has one gene: they share its quantizer). The first and
+last layers stay at 8 bits, as in the QDrop setting.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from metaaug.errors import ConfigError
+from metaaug.quant.cost import LayerInfo, layer_infos, policy_cost
+from metaaug.quant.policy import LayerBits, Policy
+from metaaug.quant.prepare import QuantModel
+from metaaug.quant.quantizers import check_bits
+
+BUDGET_KINDS = ("avg_wbits", "weight_kb", "weight_vs_w8", "bops", "bops_vs_w8a8")
+EDGE_BITS = 8
+
+Genome = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """An upper bound on one cost: average weight bits (parameter-weighted), weight KB, weight memory as a fraction
+    of uniform W8, BOPs (absolute), or BOPs as a fraction of uniform W8A8."""
+
+    kind: str
+    limit: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGET_KINDS:
+            raise ConfigError(f"unknown budget {self.kind!r}; use one of {', '.join(BUDGET_KINDS)}")
+        if not self.limit > 0:
+            raise ConfigError(f"budget {self.kind} must be positive, got {self.limit}")
+
+    def value(self, cost: dict) -> float:
+        return {"avg_wbits": cost["avg_wbits"], "weight_kb": cost["weight_kb"], "weight_vs_w8": cost["weight_vs_w8a8"],
+                "bops": cost["bops"], "bops_vs_w8a8": cost["bops_vs_w8a8"]}[self.kind]
+
+
+def _choices(values: tuple[int, ...], what: str) -> tuple[int, ...]:
+    if not values:
+        raise ConfigError(f"{what} must list at least one bit-width")
+    return tuple(sorted({check_bits(v, what) for v in values}))
+
+
+class SearchSpace:
+    """Genes <-> policies for one prepared model, with the cost of every genome."""
+
+    def __init__(self, qmodel: QuantModel, example: torch.Tensor, wchoices: tuple[int, ...], achoices: tuple[int, ...] | None,
+                 abits: int = 4) -> None:
+        self.wchoices = _choices(wchoices, "--wbits-choices")
+        self.achoices = _choices(achoices, "--abits-choices") if achoices else None
+        self.abits = check_bits(abits, "--abits")
+        layers = list(qmodel.quant_layers())
+        self.layers = [ql.path for ql in layers]
+        self.first = [ql.path for ql in layers if ql.edge == "first"]
+        self.last = [ql.path for ql in layers if ql.edge == "last"]
+        self.wgenes = [p for p in self.layers if p not in self.first and p not in self.last]
+        self.agroups = [list(aq.consumers) for aq in qmodel.act_quantizers() if not set(aq.consumers) & set(self.last)]
+        self.infos: list[LayerInfo] = layer_infos(qmodel, example)
+
+    @property
+    def length(self) -> int:
+        return len(self.wgenes) + (len(self.agroups) if self.achoices else 0)
+
+    def gene_choices(self, i: int) -> tuple[int, ...]:
+        return self.wchoices if i < len(self.wgenes) else self.achoices  # type: ignore[return-value]
+
+    def policy(self, genome: Genome) -> Policy:
+        wb = dict(zip(self.wgenes, genome[: len(self.wgenes)], strict=True))
+        ab: dict[str, int] = {}
+        for k, group in enumerate(self.agroups):
+            for layer in group:
+                ab[layer] = genome[len(self.wgenes) + k] if self.achoices else self.abits
+        return Policy({p: LayerBits(wb.get(p, EDGE_BITS), ab.get(p, EDGE_BITS)) for p in self.layers})
+
+    def uniform(self, wbits: int, abits: int | None = None) -> Genome:
+        return tuple([wbits] * len(self.wgenes) + ([abits or self.abits] * len(self.agroups) if self.achoices else []))
+
+    def cost(self, genome: Genome) -> dict:
+        c = policy_cost(self.infos, self.policy(genome).layers)
+        c.pop("layers")
+        return c
+
+    def lowest(self) -> Genome:
+        return tuple(min(self.gene_choices(i)) for i in range(self.length))
+
+    def highest(self) -> Genome:
+        return tuple(max(self.gene_choices(i)) for i in range(self.length))
+
+    def random(self, rng: random.Random) -> Genome:
+        return tuple(rng.choice(self.gene_choices(i)) for i in range(self.length))
+
+    def check_budget(self, budget: Budget) -> None:
+        """A budget below the cheapest policy is an error that names the smallest reachable value."""
+        floor = budget.value(self.cost(self.lowest()))
+        if floor > budget.limit:
+            raise ConfigError(f"no policy meets {budget.kind} <= {budget.limit:g}: the smallest reachable is {floor:g} "
+                              f"(every searchable layer at its lowest bits, first/last at {EDGE_BITS})")
+
+    def repair(self, genome: Genome, budget: Budget, rng: random.Random) -> Genome:
+        """Lower random genes one step until the genome fits the budget (the lowest genome always fits)."""
+        g = list(genome)
+        while budget.value(self.cost(tuple(g))) > budget.limit:
+            lowerable = [i for i in range(self.length) if g[i] > min(self.gene_choices(i))]
+            i = rng.choice(lowerable)
+            ch = self.gene_choices(i)
+            g[i] = ch[ch.index(g[i]) - 1]
+        return tuple(g)
+

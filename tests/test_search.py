@@ -1,0 +1,115 @@
+"""Mixed-precision search: MetaQuantNet starts at round-to-nearest, the GA respects its budget and is reproducible
+and resumable, and `search` then `quantize --policy` runs end to end."""
+
+import json
+import random
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import TinyNet, randomize_bn
+from metaaug.cli.app import app
+from metaaug.errors import ConfigError
+from metaaug.models.resnet import resnet20
+from metaaug.quant import QuantSpec, prepare
+from metaaug.search import Budget, GAConfig, MetaQuantConfig, MetaQuantNet, SearchSpace, genetic_search
+from metaaug.search.genetic import best_genome
+from metaaug.search.job import _load_state, _save_state
+
+runner = CliRunner()
+
+
+def space_for(model, wchoices=(2, 3, 4), achoices=None):
+    q = prepare(randomize_bn(model), QuantSpec(8, 8), "layer")
+    return q, SearchSpace(q, torch.randn(8, 1, 28, 28), wchoices, achoices)
+
+
+def test_metaquantnet_at_start_is_round_to_nearest():
+    torch.manual_seed(0)
+    model = resnet20()
+    q, space = space_for(model)
+    net = MetaQuantNet(q, torch.randn(64, 1, 28, 28), space.wchoices, (4,), space.wgenes, MetaQuantConfig())
+    for bits in (2, 3, 4):
+        rtn = prepare(model, QuantSpec(bits, 4), "layer")
+        for ql in rtn.quant_layers():
+            if ql.path in space.wgenes:
+                assert torch.allclose(net.weight(ql.path, bits), ql.wq(ql.weight), atol=1e-6), (ql.path, bits)
+
+
+def fake_fitness(genomes):
+    """More bits score higher, with a per-gene twist so the optimum is not trivial."""
+    return [{"fitness": float(sum(b * (1 + 0.1 * (i % 3)) for i, b in enumerate(g)))} for g in genomes]
+
+
+def test_ga_respects_budget_and_is_reproducible_by_seed():
+    _, space = space_for(TinyNet(), achoices=(2, 4))
+    budget = Budget("avg_wbits", 3.0)
+    cfg = GAConfig(population=12, generations=4)
+    a = genetic_search(space, budget, cfg, fake_fitness, seed=1)
+    b = genetic_search(space, budget, cfg, fake_fitness, seed=1)
+    c = genetic_search(space, budget, cfg, fake_fitness, seed=2)
+    assert a.scores.keys() == b.scores.keys() and a.history == b.history
+    assert a.scores.keys() != c.scores.keys()
+    assert all(space.cost(g)["avg_wbits"] <= 3.0 for g in a.scores)  # no candidate over budget is ever scored
+    best = best_genome(a, budget)
+    assert a.scores[best]["fitness"] >= max(r["fitness"] for r in fake_fitness([space.repair(space.random(random.Random(s)), budget,
+                                                                                          random.Random(s)) for s in range(20)]))
+    assert [h["best_fitness"] for h in a.history] == sorted(h["best_fitness"] for h in a.history)  # elitism
+
+
+def test_ga_resumes_to_the_uninterrupted_result(tmp_path):
+    _, space = space_for(TinyNet())
+    budget, cfg = Budget("avg_wbits", 3.0), GAConfig(population=10, generations=4)
+    full = genetic_search(space, budget, cfg, fake_fitness, seed=3)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(state):
+        _save_state(tmp_path / "s.json", state)
+        if state.generation == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        genetic_search(space, budget, cfg, fake_fitness, seed=3, on_generation=stop_after_two)
+    resumed = genetic_search(space, budget, cfg, fake_fitness, seed=3, state=_load_state(tmp_path / "s.json"))
+    assert resumed.scores.keys() == full.scores.keys() and resumed.history == full.history
+    assert resumed.population == full.population
+
+
+def test_unreachable_budget_names_the_smallest_reachable():
+    _, space = space_for(TinyNet())
+    with pytest.raises(ConfigError, match=r"no policy meets avg_wbits <= 1\.5: the smallest reachable is"):
+        space.check_budget(Budget("avg_wbits", 1.5))
+
+
+def test_search_then_quantize_with_the_policy(tmp_path, small_data):
+    out = tmp_path / "search"
+    args = ["search", "--model", "resnet20", "--avg-wbits", "2.5", "--wbits-choices", "2,3,4", "--abits", "4",
+            "--generations", "2", "--population", "4", "--meta-steps", "3", "--calib-size", "64", "--seed", "0",
+            "--data-dir", str(small_data), "--device", "cpu", "--out", str(out)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    policy = json.loads((out / "policy.json").read_text())
+    assert set(policy) == {"layers"} and all(set(v) == {"wbits", "abits"} for v in policy["layers"].values())
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["best"]["cost"]["avg_wbits"] <= 2.5
+    assert all({"genome", "fitness", "cost", "top1", "kl"} <= set(c) for c in summary["candidates"])
+    assert all(c["cost"] <= 2.5 for c in summary["candidates"])
+    assert (out / "pareto.png").exists() and (out / "generations.png").exists()
+    assert runner.invoke(app, args).exit_code == 0  # a finished search re-runs from its saved state
+    res = runner.invoke(app, [*args, "--seed", "1"])  # the last --seed wins: another config in the same folder
+    assert res.exit_code == 2 and "different config" in res.output
+
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["quantize", "--policy", str(out / "policy.json"), "--method", "rtn", "--calib-size", "32",
+                              "--data-dir", str(small_data), "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((run / "report.json").read_text())
+    assert report["policy"] == policy and report["cost"]["avg_wbits"] == summary["best"]["cost"]["avg_wbits"]
+
+
+def test_search_needs_exactly_one_budget(tmp_path):
+    res = runner.invoke(app, ["search", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 2 and "exactly one budget" in res.output
