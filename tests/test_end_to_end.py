@@ -99,3 +99,24 @@ def test_run_store_accepts_its_own_config_with_tuples(tmp_path):
     RunStore(tmp_path, {"terms": ("kl", "pkt"), "x": 1})
     with pytest.raises(Exception, match="different config"):
         RunStore(tmp_path, {"terms": ("kl",), "x": 1})
+
+
+def test_ten_image_calibration_set_one_per_class(tmp_path, small_data):
+    """Scarce calibration: 10 images (one per class) is smaller than a batch; batches are drawn with replacement."""
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["quantize", "--calib-size", "10", "--method", "qdrop", "--iters", "3", "--data-dir", str(small_data),
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["calib_images"] == 10 and report["calib_size"] == 10
+    from metaaug.data import calibration_split, load_dataset
+
+    calib, _ = calibration_split(load_dataset(str(small_data), "train"), 10, seed=0)
+    assert sorted(calib.labels.tolist()) == list(range(10))
+
+
+def test_models_command_lists_bundled_models_with_their_card():
+    res = runner.invoke(app, ["models"])
+    assert res.exit_code == 0, res.output
+    assert "resnet20" in res.output and "94.03" in res.output and "272,186" in res.output
+    assert "mobilenetv2" in res.output and "93.29" in res.output

@@ -27,7 +27,7 @@ def run_cli(tmp_path, *extra):
     (["--abits", "9"], "activation bit-width (abits) must be an integer in 2..8"),
     (["--model", "resnet99"], "unknown model 'resnet99'"),
     (["--method", "magic"], "unknown method 'magic'"),
-    (["--calib-size", "4"], "calibration set too small: 4 images"),
+    (["--calib-size", "-3"], "calibration size must be positive"),
     (["--calib-size", "0"], "calibration size must be positive"),
     (["--data-dir", "/nonexistent/folder"], "data folder /nonexistent/folder does not exist"),
     (["--model", "/nonexistent/m.py:build", "--weights", "w.safetensors"], "model file /nonexistent/m.py does not exist"),

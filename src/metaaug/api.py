@@ -14,8 +14,6 @@ from metaaug.methods.registry import JobContext, MethodResult, handler_for, meth
 from metaaug.quant.prepare import QuantModel, QuantSpec, prepare
 from metaaug.recon.engine import NullProgress, Progress
 
-MIN_CALIB = 16
-
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
@@ -26,13 +24,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def check_calibration(images: torch.Tensor, batch_size: int) -> None:
+def check_calibration(images: torch.Tensor) -> None:
+    """Any non-empty finite set works: batches are drawn with replacement, so a set smaller than a batch (10 images,
+    one per class) is reconstructed on as it is."""
     if not isinstance(images, torch.Tensor) or images.dim() < 2:
         raise DataError("calibration images must be a tensor of shape (N, C, H, W)")
     check_finite(images, "calibration data")
-    need = max(MIN_CALIB, batch_size)
-    if images.shape[0] < need:
-        raise DataError(f"calibration set too small: {images.shape[0]} images, need at least {need}")
 
 
 def prepare_for(model: nn.Module, cfg: Any, spec: QuantSpec, units: str | Sequence[str] | None = None) -> QuantModel:
@@ -59,7 +56,7 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, method: Any = "qdrop"
     """
     cfg = method_config(method)
     dev = resolve_device(device)
-    check_calibration(calib_images, getattr(cfg, "batch_size", 1))
+    check_calibration(calib_images)
     qmodel = prepare_for(model, cfg, spec or QuantSpec(), units).to(dev)
     ctx = JobContext(calib_images, seed=seed, device=dev, progress=progress or NullProgress(), store=store)
     return run_method(qmodel, cfg, ctx).model

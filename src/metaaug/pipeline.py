@@ -101,7 +101,7 @@ def run_job(cfg: RunConfig, out: str | Path, device: str = "auto", progress: Pro
     train, test = load_dataset(cfg.data_dir, "train"), load_dataset(cfg.data_dir, "test")
     calib, holdout = calibration_set(train, cfg.calib_source, cfg.synth, cfg.calib_size, cfg.seed, cfg.holdout,
                                      cfg.mixed_synth)
-    check_calibration(calib.images, mcfg.batch_size)  # before the run folder exists: a refused run leaves nothing behind
+    check_calibration(calib.images)  # before the run folder exists: a refused run leaves nothing behind
     qmodel = prepare_for(model, mcfg, spec, cfg.units).to(dev)
     store = RunStore(out, cfg.identity())
     fp_top1 = top1(model.to(dev), test, device=dev)

@@ -138,6 +138,26 @@ def train(
 
 @app.command()
 @friendly
+def models() -> None:
+    """List the bundled models: FP top-1 on the Fashion-MNIST test split (from their model card), parameters, units."""
+    from rich.table import Table
+
+    from metaaug.models.registry import BUNDLED, bundled_weights
+
+    table = Table(title="bundled models (weights ship with the package)")
+    for col in ("model", "fp_top1", "parameters", "trained", "weights"):
+        table.add_column(col, justify="left" if col in ("model", "weights", "trained") else "right")
+    for name, factory in BUNDLED.items():
+        card_path = bundled_weights(name).with_suffix(".json")
+        card = json.loads(card_path.read_text()) if card_path.exists() else {}
+        params = sum(p.numel() for p in factory().parameters())
+        trained = f"{card['epochs']} epochs, {card['seconds'] / 60:.0f} min" if card else "-"
+        table.add_row(name, f"{card.get('test_top1', '-')}", f"{params:,}", trained, bundled_weights(name).name)
+    out_console.print(table)
+
+
+@app.command()
+@friendly
 def cost(
     model: Annotated[str, typer.Option(help="bundled name or path/to/file.py:factory")] = "resnet20",
     weights: Annotated[str | None, typer.Option(help="weights for --model (needed for a user model)")] = None,
