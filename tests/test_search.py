@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from torch import nn
 from typer.testing import CliRunner
 
 from conftest import TinyNet, randomize_bn
@@ -113,3 +114,57 @@ def test_search_then_quantize_with_the_policy(tmp_path, small_data):
 def test_search_needs_exactly_one_budget(tmp_path):
     res = runner.invoke(app, ["search", "--out", str(tmp_path / "s")])
     assert res.exit_code == 2 and "exactly one budget" in res.output
+
+
+def test_random_search_scores_the_asked_number_within_budget():
+    from metaaug.search.genetic import random_search
+
+    _, space = space_for(TinyNet())
+    budget = Budget("avg_wbits", 3.5)
+    state = random_search(space, budget, 15, 4, fake_fitness, seed=0)
+    assert len(state.scores) == 15 and all(space.cost(g)["avg_wbits"] <= 3.5 for g in state.scores)
+    tight = random_search(space, Budget("avg_wbits", 3.0), 15, 4, fake_fitness, seed=0)
+    assert len(tight.scores) == 5  # only five genomes fit: the search ends when the space is exhausted
+    assert state.scores.keys() == random_search(space, budget, 15, 4, fake_fitness, seed=0).scores.keys()
+
+
+def test_sensitivity_knapsack_respects_budget_and_protects_sensitive_layers():
+    from metaaug.search.sensitivity import fisher_traces, quant_errors, sensitivity_genome
+
+    torch.manual_seed(0)
+    q, space = space_for(TinyNet(), wchoices=(2, 4, 8))
+    budget = Budget("avg_wbits", 4.5)  # one of the four 144-weight convs at 8 bits (4.02) fits, two do not
+    traces, errors = fisher_traces(q, torch.randn(16, 1, 28, 28)), quant_errors(q, space.wchoices)
+    assert all(v > 0 for v in traces.values())
+    assert all(errors[n][2] > errors[n][4] > errors[n][8] for n in errors)
+    g = sensitivity_genome(space, budget, traces, errors)
+    assert space.cost(g)["avg_wbits"] <= 4.5
+    sensitive = space.wgenes[1]
+    g = sensitivity_genome(space, budget, {**traces, sensitive: 1e9}, errors)
+    assert g[1] == 8 and space.cost(g)["avg_wbits"] <= 4.5
+    assert sensitivity_genome(space, budget, {n: 0.0 for n in traces}, errors) is not None
+
+
+def test_ray_scoring_gives_the_serial_result():
+    pytest.importorskip("ray")
+    import ray
+
+    from metaaug.data.datasets import ImageDataset
+    from metaaug.search.job import _ray_scorer, score
+
+    torch.manual_seed(0)  # torch modules only: Ray workers cannot import the tests' own classes
+    model = randomize_bn(nn.Sequential(nn.Conv2d(1, 4, 3, 2), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 8, 3, 2), nn.ReLU(),
+                                       nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                       nn.Flatten(), nn.Linear(8, 10)))
+    q, space = space_for(model, achoices=(2, 4))
+    images = torch.randn(48, 1, 28, 28)
+    net = MetaQuantNet(q, images, space.wchoices, space.achoices, space.wgenes, MetaQuantConfig())
+    hold = ImageDataset(images[:24], torch.randint(0, 10, (24,)), [str(i) for i in range(10)])
+    fp = net.fp_logits(hold.images)
+    budget, cfg = Budget("avg_wbits", 3.5), GAConfig(population=6, generations=2)
+    serial = genetic_search(space, budget, cfg, lambda gs: score(net, space, hold.images, hold.labels, fp, gs), seed=4)
+    try:
+        remote = genetic_search(space, budget, cfg, _ray_scorer(model, net, space, hold, fp, "kl", None), seed=4)
+    finally:
+        ray.shutdown()
+    assert serial.scores == remote.scores and serial.population == remote.population

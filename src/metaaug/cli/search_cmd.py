@@ -62,6 +62,10 @@ def search(
     calib_size: Annotated[int, typer.Option(help="calibration images (a --holdout share scores the candidates)")] = 1024,
     holdout: Annotated[float, typer.Option(help="fraction of the calibration images held out for fitness")] = 0.2,
     fitness: Annotated[str, typer.Option(help="kl (label-free) | top1")] = "kl",
+    strategy: Annotated[str, typer.Option(help="ga | random (same proxy and evaluations) | sensitivity (Fisher x error knapsack)")] = "ga",
+    evaluations: Annotated[int | None, typer.Option(help="random search: candidates to score (default population x generations)")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="score candidates as Ray tasks (pip install 'metaaug[ray]')")] = False,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local Ray)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     data_dir: Annotated[str | None, typer.Option()] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
@@ -81,10 +85,11 @@ def search(
     cfg = SearchConfig(model=model, weights=weights, wbits_choices=_ints(wbits_choices, "--wbits-choices") or (),
                        abits_choices=_ints(abits_choices, "--abits-choices"), abits=abits, budget_kind=kind, budget=limit,
                        calib_size=calib_size, holdout=holdout, seed=seed, data_dir=data_dir, fitness=fitness,
+                       strategy=strategy, evaluations=evaluations,
                        proxy="metaquant" if meta_steps > 0 else "rtn", meta=MetaQuantConfig(steps=meta_steps),
                        ga=GAConfig(population=population, generations=generations))
     with RichSearchProgress() as prog:
-        summary = run_search(cfg, out, device, prog)
+        summary = run_search(cfg, out, device, prog, ray=ray or ray_address is not None, ray_address=ray_address)
     best = summary["best"]
     out_console.print(f"policy: {out / 'policy.json'}  ({kind} {best['cost'][{'weight_vs_w8': 'weight_vs_w8a8'}.get(kind, kind)]:g} "
                       f"<= {limit:g}, avg weight bits {best['cost']['avg_wbits']:.3f}, held-out top-1 {best['top1']:.2f}, "

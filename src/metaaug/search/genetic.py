@@ -96,3 +96,33 @@ def best_genome(state: GAState, budget: Budget) -> Genome:
     """The best-scoring genome ever evaluated within the budget."""
     fits = [g for g, r in state.scores.items() if r["cost"] <= budget.limit + 1e-9]
     return max(fits, key=lambda g: _fitness(state.scores[g]))
+
+
+def random_search(space: SearchSpace, budget: Budget, evaluations: int, batch: int, evaluate: Evaluate, seed: int,
+                  state: GAState | None = None, on_generation: Callable[[GAState], None] | None = None) -> GAState:
+    """The baseline with the same proxy: `evaluations` distinct random genomes within the budget, in batches of
+    `batch` (one 'generation' each, so it saves and resumes like the GA)."""
+    rng = random.Random(seed)
+    state = state or GAState()
+    if state.rng_state is not None:
+        rng.setstate(state.rng_state)
+    tries = 0
+    while len(state.scores) < evaluations and tries < 100 * evaluations:
+        new: list[Genome] = []
+        while len(new) < min(batch, evaluations - len(state.scores)) and tries < 100 * evaluations:
+            tries += 1
+            g = space.repair(space.random(rng), budget, rng)
+            if g not in state.scores and g not in new:
+                new.append(g)
+        for g, r in zip(new, evaluate(new), strict=True):
+            state.scores[g] = {**r, "generation": state.generation, "cost": budget.value(space.cost(g))}
+        best = max(state.scores, key=lambda g: _fitness(state.scores[g]))
+        state.history.append({"generation": state.generation, "best_fitness": _fitness(state.scores[best]),
+                              "mean_fitness": sum(_fitness(state.scores[g]) for g in new) / max(1, len(new)),
+                              "best_cost": state.scores[best]["cost"], "evaluated": len(state.scores)})
+        state.population = new
+        state.generation += 1
+        state.rng_state = rng.getstate()
+        if on_generation is not None:
+            on_generation(state)
+    return state

@@ -22,13 +22,15 @@ from metaaug.data import calibration_split, load_dataset
 from metaaug.errors import ConfigError
 from metaaug.models.registry import build_model
 from metaaug.quant.prepare import QuantSpec, prepare
-from metaaug.search.genetic import GAConfig, GAState, best_genome, genetic_search
+from metaaug.recon.engine import threads
+from metaaug.search.genetic import GAConfig, GAState, best_genome, genetic_search, random_search
 from metaaug.search.metaquant import MetaQuantConfig, MetaQuantNet, train_step
 from metaaug.search.space import Budget, Genome, SearchSpace
 from metaaug.store import RunStore
 
 PROXIES = ("metaquant", "rtn")
 FITNESS = ("kl", "top1")
+STRATEGIES = ("ga", "random", "sensitivity")
 NET_FILE, NET_PROGRESS, STATE_FILE = "metaquant.pt", "metaquant_progress.pt", "search_state.json"
 SAVE_EVERY = 100
 
@@ -50,6 +52,8 @@ class SearchConfig:
     data_dir: str | None = None
     proxy: str = "metaquant"
     fitness: str = "kl"  # kl: -KL to the FP logits (label-free, continuous); top1: held-out accuracy, KL breaking ties
+    strategy: str = "ga"  # ga; random (same proxy, `evaluations` candidates); sensitivity (Fisher x error knapsack)
+    evaluations: int | None = None  # random search: candidates to score (default population x generations)
     meta: MetaQuantConfig = field(default_factory=MetaQuantConfig)
     ga: GAConfig = field(default_factory=GAConfig)
 
@@ -62,6 +66,8 @@ class SearchConfig:
         self.abits_choices = tuple(self.abits_choices) if self.abits_choices else None
         if self.proxy not in PROXIES:
             raise ConfigError(f"unknown proxy {self.proxy!r}; use one of {', '.join(PROXIES)}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}")
         if self.fitness not in FITNESS:
             raise ConfigError(f"unknown fitness {self.fitness!r}; use one of {', '.join(FITNESS)}")
         if not 0 < self.holdout < 1:
@@ -149,7 +155,8 @@ def score(net: MetaQuantNet, space: SearchSpace, images: torch.Tensor, labels: t
     out = []
     for g in genomes:
         pol = space.policy(g)
-        logits = torch.cat([net(images[i:i + 512].to(dev), pol) for i in range(0, len(images), 512)])
+        with threads(1):  # one thread everywhere: serial and Ray workers then compute bit-identical scores
+            logits = torch.cat([net(images[i:i + 512].to(dev), pol) for i in range(0, len(images), 512)])
         top1 = 100.0 * float((logits.argmax(1).cpu() == labels).float().mean())
         kl = float(torch.nn.functional.kl_div(logits.log_softmax(1), fp.log_softmax(1), log_target=True, reduction="batchmean"))
         fit = -kl if fitness == "kl" else top1 - 1e-3 * kl
@@ -157,8 +164,41 @@ def score(net: MetaQuantNet, space: SearchSpace, images: torch.Tensor, labels: t
     return out
 
 
-def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progress: SearchProgress | None = None) -> dict[str, Any]:
-    """Search per `cfg`; writes policy.json, search.json and PNGs into `out` and returns the summary."""
+def _rebuild_and_score(recipe: tuple, genomes: list[Genome]) -> list[dict]:
+    """In a Ray worker: prepare the FP model again, load MetaQuantNet's state, score `genomes`.
+    (FX graph modules do not pickle, so the recipe ships the FP model and the state instead of the network.)"""
+    model, wchoices, achoices, searchable, mcfg, state, space, images, labels, fp, fitness = recipe
+    qmodel = prepare(model, QuantSpec(8, 8), "layer")
+    net = MetaQuantNet(qmodel, images[:8], wchoices, achoices, searchable, mcfg)
+    net.load_state_dict(state)
+    return score(net.eval(), space, images, labels, fp, genomes, fitness)
+
+
+def _ray_scorer(model, net: MetaQuantNet, space: SearchSpace, hold, fp: torch.Tensor, fitness: str, address: str | None):
+    """Score genomes as Ray tasks (a local Ray started here, or the cluster at `address`), in one chunk per CPU."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--ray needs ray: pip install 'metaaug[ray]'") from None
+    ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    state = {k: v.cpu() for k, v in net.state_dict().items()}
+    recipe = ray.put((model.cpu(), net.wchoices, net.achoices, net.searchable, net.cfg, state, space, hold.images,
+                      hold.labels, fp.cpu(), fitness))
+    task = ray.remote(_rebuild_and_score)
+    workers = max(1, int(ray.available_resources().get("CPU", 1)))
+
+    def evaluate(genomes: list[Genome]) -> list[dict]:
+        chunks = [genomes[i::workers] for i in range(workers)]
+        results = ray.get([task.remote(recipe, c) for c in chunks if c])
+        by_genome = {g: r for c, rs in zip([c for c in chunks if c], results, strict=True) for g, r in zip(c, rs, strict=True)}
+        return [by_genome[g] for g in genomes]
+    return evaluate
+
+
+def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progress: SearchProgress | None = None,
+               ray: bool = False, ray_address: str | None = None) -> dict[str, Any]:
+    """Search per `cfg`; writes policy.json, search.json and PNGs into `out` and returns the summary.
+    `ray` scores the candidates as Ray tasks; the result is the same as the serial run's."""
     t0 = time.perf_counter()
     progress = progress or _Quiet()
     out, dev = Path(out), resolve_device(device)
@@ -188,6 +228,8 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
 
     def evaluate(genomes: list[Genome]) -> list[dict]:
         return score(net, space, hold.images, hold.labels, fp, genomes, cfg.fitness)
+    if ray:
+        evaluate = _ray_scorer(model, net, space, hold, fp, cfg.fitness, ray_address)
 
     uniform = {f"W{w}" + (f"A{a}" if space.achoices else f"A{cfg.abits}"): space.uniform(w, a)
                for w in space.wchoices for a in (space.achoices or (None,))}
@@ -201,9 +243,20 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
 
     t_ga = time.perf_counter()
     state = _load_state(out / STATE_FILE)
-    progress.phase("genetic search", cfg.ga.generations)
-    progress.advance(state.generation if state else 0, "resumed" if state else "")
-    state = genetic_search(space, budget, cfg.ga, evaluate, cfg.seed, state, on_generation, seeds=fits)
+    if cfg.strategy == "ga":
+        progress.phase("genetic search", cfg.ga.generations)
+        progress.advance(state.generation if state else 0, "resumed" if state else "")
+        state = genetic_search(space, budget, cfg.ga, evaluate, cfg.seed, state, on_generation, seeds=fits)
+    elif cfg.strategy == "random":
+        n = cfg.evaluations or cfg.ga.population * cfg.ga.generations
+        progress.phase("random search", -(-n // cfg.ga.population))
+        progress.advance(state.generation if state else 0, "resumed" if state else "")
+        state = random_search(space, budget, n, cfg.ga.population, evaluate, cfg.seed, state, on_generation)
+    else:
+        from metaaug.search.sensitivity import fisher_traces, quant_errors, sensitivity_genome
+
+        g = sensitivity_genome(space, budget, fisher_traces(qmodel, calib.images[:256]), quant_errors(qmodel, space.wchoices))
+        state = GAState(scores={g: {**evaluate([g])[0], "generation": 0, "cost": budget.value(space.cost(g))}})
     _save_state(out / STATE_FILE, state)
     best = best_genome(state, budget)
     policy = space.policy(best)
@@ -215,7 +268,7 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
         "uniform": {k: {"genome": list(g), **uniform_scores[k], "cost": space.cost(g),
                         "fits_budget": budget.value(space.cost(g)) <= budget.limit} for k, g in uniform.items()},
         "candidates": [{"genome": list(g), **r, "avg_wbits": space.cost(g)["avg_wbits"]} for g, r in state.scores.items()],
-        "history": state.history, "meta_curve": curve,
+        "history": state.history, "meta_curve": curve, "strategy": cfg.strategy, "evaluated": len(state.scores),
         "genes": {"wbits": space.wgenes, "abits": space.agroups if space.achoices else []},
         "seconds": {"metaquant": round(meta_seconds, 1), "search": round(time.perf_counter() - t_ga, 1),
                     "total": round(time.perf_counter() - t0, 1)},

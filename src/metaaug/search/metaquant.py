@@ -70,7 +70,7 @@ class MetaQuantNet(nn.Module):
         self.qmodel = qmodel.eval()
         for p in qmodel.parameters():
             p.requires_grad_(False)
-        self.cfg = cfg
+        self.cfg, self.wchoices, self.achoices = cfg, tuple(wchoices), tuple(achoices)
         self.layers = {ql.path: ql for ql in qmodel.quant_layers()}
         self.searchable = list(searchable)
         self.gens = nn.ModuleDict({_key(p): LayerGenerator(self.layers[p].weight.numel(), cfg.embed, cfg.hidden)
