@@ -1,5 +1,6 @@
 """Mixed-precision search benchmark: policies from MetaQuantNet + GA against uniform bits, random search (same proxy,
-same number of evaluations), the GA with a round-to-nearest proxy and the Fisher-sensitivity knapsack, every policy
+same number of evaluations), the GA with a round-to-nearest proxy and the Fisher-sensitivity knapsack (its proxy
+column is the round-to-nearest score: it needs no meta network), every policy
 finished by the same QDrop reconstruction; and the proxy's rank correlation with finished accuracy.
 
     python bench/search.py --out bench/search --models resnet20 --budget avg_wbits=2.5 --seeds 0,1,2 --iters 2000
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import sys
 from dataclasses import asdict
@@ -28,6 +30,7 @@ from metaaug.models.registry import build_model
 from metaaug.pipeline import RunConfig
 from metaaug.quant import QuantSpec, prepare
 from metaaug.search import GAConfig, MetaQuantConfig, SearchConfig, SearchSpace, run_search
+from metaaug.search.job import NET_FILE
 from tables import mean_std, write_results
 
 
@@ -78,6 +81,10 @@ def main() -> None:
                                budget=float(limit), meta=MetaQuantConfig(steps=a.meta_steps),
                                ga=GAConfig(population=a.population, generations=a.generations), **kw)
             folder = a.out / "searches" / f"{model}-{kind}{limit}-{name}"
+            trained = a.out / "searches" / f"{model}-{kind}{limit}-ga-metaquant" / NET_FILE
+            if kw.get("proxy", "metaquant") == "metaquant" and trained.exists() and not (folder / NET_FILE).exists():
+                folder.mkdir(parents=True, exist_ok=True)  # MetaQuantNet is trained once per model: the others reuse it
+                shutil.copy(trained, folder / NET_FILE)
             done = folder / "search.json"
             summary = json.loads(done.read_text()) if done.exists() else run_search(cfg, folder)
             print(f"{model} {name}: proxy top-1 {summary['best']['top1']} ({summary['seconds']})", flush=True)
@@ -87,7 +94,7 @@ def main() -> None:
         ga = search("ga-metaquant")
         candidates = {"ga-metaquant": ga, "ga-rtn-proxy": search("ga-rtn-proxy", proxy="rtn"),
                       "random-metaquant": search("random-metaquant", strategy="random", evaluations=ga["evaluated"]),
-                      "sensitivity": search("sensitivity", strategy="sensitivity")}
+                      "sensitivity": search("sensitivity", strategy="sensitivity", proxy="rtn")}
         uniform = {k: u for k, u in ga["uniform"].items() if u["fits_budget"]}
         space = SearchSpace(prepare(build_model(model), QuantSpec(8, 8), "layer"), torch.zeros(1, 1, 28, 28), wch, ach, a.abits)
 

@@ -183,7 +183,7 @@ def test_named_units_override_discovery():
                    ("fc", "layer", 1)]
 
 
-def test_cli_on_renamed_model_finds_blocks_and_reports_them(tmp_path):
+def test_cli_on_renamed_model_finds_blocks_and_reports_them(tmp_path, small_data):
     src = tmp_path / "renamed.py"
     src.write_text("import torch\nfrom metaaug.models.mobilenet import mobilenetv2\n\n"
                    "def build():\n    m = mobilenetv2()\n    for mod in m.modules():\n"
@@ -193,7 +193,8 @@ def test_cli_on_renamed_model_finds_blocks_and_reports_them(tmp_path):
 
     out = tmp_path / "run"
     res = runner.invoke(app, ["quantize", "--model", f"{src}:build", "--weights", str(bundled_weights("mobilenetv2")),
-                              "--method", "rtn", "--calib-size", "32", "--iters", "0", "--out", str(out)])
+                              "--method", "rtn", "--calib-size", "32", "--iters", "0", "--data-dir", str(small_data),
+                              "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "falling back" not in res.output and "one unit per Conv/Linear" not in res.output
     import json
