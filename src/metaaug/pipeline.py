@@ -15,7 +15,7 @@ from metaaug.api import check_calibration, prepare_for, resolve_device, run_meth
 from metaaug.data import load_dataset
 from metaaug.errors import ConfigError
 from metaaug.evaluate import top1
-from metaaug.methods.registry import JobContext, method_config
+from metaaug.methods.registry import JobContext, config_dict, config_types, method_config
 from metaaug.models.registry import build_model
 from metaaug.quant.cost import model_cost
 from metaaug.quant.policy import Policy
@@ -59,14 +59,16 @@ class RunConfig:
                          policy=None if self.policy is None else Policy.from_dict(self.policy))
 
     def method_cfg(self):
+        """The method's config with `options`, and `iters` where the method has iterations."""
         overrides = dict(self.options)
-        if self.iters is not None:
+        cls = config_types().get(self.method)
+        if self.iters is not None and cls is not None and "iters" in {f.name for f in dataclasses.fields(cls)}:
             overrides["iters"] = self.iters
         return method_config(self.method, **overrides)
 
     def identity(self) -> dict[str, Any]:
         """The config as stored: run options plus the fully resolved method config."""
-        return {**dataclasses.asdict(self), "method_config": self.method_cfg().to_dict()}
+        return {**dataclasses.asdict(self), "method_config": config_dict(self.method_cfg())}
 
 
 def build_quant_model(cfg: RunConfig) -> QuantModel:
@@ -111,7 +113,7 @@ def run_job(cfg: RunConfig, out: str | Path, device: str = "auto", progress: Pro
     report: dict[str, Any] = {
         "model": cfg.model, "method": cfg.method, "wbits": cfg.wbits, "abits": cfg.abits,
         "calib_size": cfg.calib_size if cfg.calib_size is not None else len(calib) + (0 if holdout is None else len(holdout)),
-        "iters": mcfg.iters, "seed": cfg.seed,
+        "iters": getattr(mcfg, "iters", None), "seed": cfg.seed,
         "calib_source": cfg.calib_source, "synth": cfg.synth, "mixed_synth": cfg.mixed_synth,
         "calib_images": len(calib) + (0 if holdout is None else len(holdout)),
         "fp_top1": round(fp_top1, 2),

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from metaaug.data import load_dataset
+from metaaug.errors import ConfigError
 from metaaug.evaluate import top1
 from metaaug.models.registry import BUNDLED
 
@@ -39,8 +40,19 @@ def train(name: str, epochs: int, batch: int, lr: float, wd: float, seed: int, o
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd, nesterov=True)
     steps = epochs * (len(train_ds) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    start = time.time()
-    for epoch in range(epochs):
+    start, first = time.time(), 0
+    progress = out / f"{name}_train_progress.pt"  # saved after every epoch: an interrupted run resumes from it
+    if progress.exists():
+        saved = torch.load(progress, weights_only=True)
+        if saved["recipe"] != [epochs, batch, lr, wd, seed]:
+            raise ConfigError(f"{progress} belongs to another recipe {saved['recipe']}; delete it to start over")
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        torch.set_rng_state(saved["rng"])
+        first, start = saved["epoch"], time.time() - saved["seconds"]
+    out.mkdir(parents=True, exist_ok=True)
+    for epoch in range(first, epochs):
         model.train()
         perm = torch.randperm(len(train_ds))
         for i in range(len(train_ds) // batch):
@@ -53,13 +65,15 @@ def train(name: str, epochs: int, batch: int, lr: float, wd: float, seed: int, o
             sched.step()
         acc = top1(model.eval(), test_ds)
         print(f"{name} epoch {epoch + 1}/{epochs} loss {loss.item():.3f} test top-1 {acc:.2f} ({time.time() - start:.0f}s)", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": torch.get_rng_state(),
+                    "epoch": epoch + 1, "seconds": time.time() - start, "recipe": [epochs, batch, lr, wd, seed]}, progress)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"{name}_fmnist.safetensors"))
     card = {"model": name, "test_top1": round(acc, 2), "epochs": epochs, "batch": batch, "max_lr": lr, "weight_decay": wd,
             "seed": seed, "optimizer": "SGD nesterov 0.9, OneCycle (15% warm-up), label smoothing 0.1",
             "augmentation": "random 2-pixel shift + horizontal flip", "seconds": round(time.time() - start),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
     (out / f"{name}_fmnist.json").write_text(json.dumps(card, indent=2) + "\n")
+    progress.unlink(missing_ok=True)
     return card
 
 

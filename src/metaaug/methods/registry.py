@@ -97,6 +97,11 @@ def handler_for(cfg: Any) -> Handler:
     raise ConfigError(f"no method is registered for config type {type(cfg).__name__}")
 
 
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """A method config as stored in a run's config.json: its name and every field."""
+    return {"method": type(cfg).name, **dataclasses.asdict(cfg)}
+
+
 def method_config(method: Any, **overrides: Any) -> Any:
     """A method's config from its name (with overrides) or a config passed through (overrides applied)."""
     if dataclasses.is_dataclass(method) and not isinstance(method, type):

@@ -13,10 +13,10 @@ from torch import nn
 
 from metaaug.errors import ModelError
 from metaaug.models.mobilenet import mobilenetv2
-from metaaug.models.resnet import resnet20
+from metaaug.models.resnet import resnet20, resnet56
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-BUNDLED: dict[str, Callable[[], nn.Module]] = {"resnet20": resnet20, "mobilenetv2": mobilenetv2}
+BUNDLED: dict[str, Callable[[], nn.Module]] = {"resnet20": resnet20, "mobilenetv2": mobilenetv2, "resnet56": resnet56}
 
 
 def bundled_weights(name: str) -> Path:
@@ -67,6 +67,9 @@ def build_model(name: str, weights: str | Path | None = None) -> nn.Module:
     """
     if name in BUNDLED:
         model = BUNDLED[name]()
+        if weights is None and not bundled_weights(name).is_file():
+            raise ModelError(f"the weights of bundled model {name!r} are not in this install; "
+                             f"train them with `metaaug train --model {name}`")
         weights = weights if weights is not None else bundled_weights(name)
     elif ":" in name and name.rpartition(":")[0].endswith(".py"):
         model = _load_factory(name)()

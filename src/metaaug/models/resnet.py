@@ -1,4 +1,5 @@
-"""CIFAR-style ResNet-20 (He et al. 2016) for 1x28x28 inputs: 16/32/64 channels, three BasicBlocks per stage."""
+"""CIFAR-style ResNets (He et al. 2016) for 1x28x28 inputs: 16/32/64 channels, n BasicBlocks per stage
+(ResNet-20: n = 3; ResNet-56: n = 9, 3.1x the parameters, for the scarce-calibration regime)."""
 
 from __future__ import annotations
 
@@ -27,16 +28,17 @@ class BasicBlock(nn.Module):
         return self.relu2(out + identity)
 
 
-class ResNet20(nn.Module):
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: tuple[int, int, int] = (16, 32, 64)) -> None:
+class CifarResNet(nn.Module):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: tuple[int, int, int] = (16, 32, 64),
+                 blocks: int = 3) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=False)
         layers, cin = [], widths[0]
         for i, w in enumerate(widths):
-            blocks = [BasicBlock(cin if j == 0 else w, w, 2 if (i > 0 and j == 0) else 1) for j in range(3)]
-            layers.append(nn.Sequential(*blocks))
+            stage = [BasicBlock(cin if j == 0 else w, w, 2 if (i > 0 and j == 0) else 1) for j in range(blocks)]
+            layers.append(nn.Sequential(*stage))
             cin = w
         self.layer1, self.layer2, self.layer3 = layers
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -52,5 +54,9 @@ class ResNet20(nn.Module):
         return self.fc(self.features(x))
 
 
-def resnet20(num_classes: int = 10, in_channels: int = 1) -> ResNet20:
-    return ResNet20(num_classes, in_channels)
+def resnet20(num_classes: int = 10, in_channels: int = 1) -> CifarResNet:
+    return CifarResNet(num_classes, in_channels)
+
+
+def resnet56(num_classes: int = 10, in_channels: int = 1) -> CifarResNet:
+    return CifarResNet(num_classes, in_channels, blocks=9)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from metaaug.errors import ConfigError
 
@@ -44,6 +43,3 @@ class ReconConfig:
         if self.round_weight is not None:
             return self.round_weight
         return 0.1 if depthwise else 0.01
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.name, **dataclasses.asdict(self)}
