@@ -37,16 +37,30 @@ def test_truncated_idx_is_reported(tmp_path):
         read_idx(tmp_path / "y")
 
 
-def test_image_folder_loader(tmp_path):
+def test_image_folder_loader_keeps_size_and_channels(tmp_path):
+    rng = np.random.default_rng(0)
     for split, n in (("train", 3), ("test", 2)):
         for cls in ("cat", "dog"):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(np.full((40, 40, 3), 50 * i, dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+                size = (36, 40) if i < 2 else (20, 20)  # one odd size: resized to the most common one
+                arr = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(tmp_path / split / cls / f"{i}.png")
     ds = load_dataset(tmp_path, "train")
-    assert ds.images.shape == (6, 1, 28, 28) and ds.classes == ["cat", "dog"]
+    assert ds.images.shape == (6, 3, 36, 40) and ds.classes == ["cat", "dog"]
     assert sorted(ds.labels.tolist()) == [0, 0, 0, 1, 1, 1]
-    assert len(load_dataset(tmp_path, "test")) == 4
+    assert ds.info.channels == 3 and ds.info.size == (36, 40) and len(ds.info.mean) == 3
+    per_channel = ds.images.transpose(0, 1).flatten(1)
+    assert torch.allclose(per_channel.mean(1), torch.zeros(3), atol=1e-2) and torch.allclose(per_channel.std(1), torch.ones(3), atol=2e-2)
+    test = load_dataset(tmp_path, "test")
+    assert len(test) == 4 and test.info == ds.info  # normalised with the train split's statistics
+
+
+def test_grey_image_folder_is_one_channel(tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        Image.fromarray(np.full((28, 28), 100, dtype=np.uint8), mode="L").save(tmp_path / "train" / cls / "x.png")
+    assert load_dataset(tmp_path, "train").images.shape == (2, 1, 28, 28)
 
 
 def test_missing_and_empty_folders(tmp_path):

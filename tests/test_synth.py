@@ -87,8 +87,9 @@ def test_generator_shapes_and_range():
     out = gen(torch.randn(12, 100), torch.arange(12) % 10).detach()
     assert out.shape == (12, 1, 28, 28)
     assert float(out.min()) >= -0.8 and float(out.max()) <= 2.0
+    assert Generator(10, channels=8, image_shape=(3, 30, 22))(torch.randn(2, 100), torch.arange(2)).shape == (2, 3, 30, 22)
     with pytest.raises(ConfigError):
-        Generator(10, image_shape=(1, 30, 30))
+        Generator(10, image_shape=(1, 3, 30))
 
 
 def test_a_few_generator_steps_reduce_the_loss(resnet20, calib256):
@@ -97,7 +98,7 @@ def test_a_few_generator_steps_reduce_the_loss(resnet20, calib256):
     cfg = FDDAConfig(batch_size=20, channels=8)
     ids = deep_half(len(bn_layers(resnet20)))
     centres = class_centres(resnet20, calib256.images[:100], calib256.labels[:100], 10, ids)
-    gen = Generator(10, cfg.latent_dim, cfg.channels, value_range=cfg.value_range).train()
+    gen = Generator(10, cfg.latent_dim, cfg.channels, value_range=cfg.geometry(None)[1]).train()
     loss_fn = FDDALoss(resnet20, cfg, centres, torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(gen.parameters(), lr=1e-2, betas=(0.5, 0.999))
     z, y = torch.randn(20, 100, generator=torch.Generator().manual_seed(0)), torch.arange(20) % 10

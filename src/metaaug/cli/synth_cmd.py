@@ -36,6 +36,8 @@ def synth(
     dev = resolve_device(device)
     fp_model = build_model(model, weights)
     bn_layers(fp_model)
+    # the real images' descriptor sets the image shape and range; data-free runs use --set image_shape/value_range
+    # (default: Fashion-MNIST's 1x28x28) and read no data at all
     real = load_dataset(data_dir, "train") if cfg.real_per_class > 0 else None
     result = synthesize(fp_model, cfg, real, dev, console)
     result.report.update({"model": model, "weights": weights, "data_dir": data_dir})

@@ -20,14 +20,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from metaaug.data.calib import stratified_indices
-from metaaug.data.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, ImageDataset
+from metaaug.data.datasets import FASHION_MNIST_INFO, DataInfo, ImageDataset
 from metaaug.errors import ConfigError, DataError
 from metaaug.evaluate import logits_of
 from metaaug.synth.bns import BNStats, ClassCentres, bn_layers, class_bns_loss, class_centres, deep_half, global_bns_loss
 from metaaug.synth.data import IMAGES_FILE
 from metaaug.synth.generator import Generator
 
-FMNIST_RANGE = (-FASHION_MNIST_MEAN / FASHION_MNIST_STD, (1 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD)
+FMNIST_RANGE = FASHION_MNIST_INFO.value_range()
 
 
 @dataclass
@@ -53,8 +53,8 @@ class FDDAConfig:
     noise_std_mean: float = 0.5
     noise_std_var: float = 1.0
     class_layer_fraction: float = 0.5
-    image_shape: tuple[int, int, int] = (1, 28, 28)
-    value_range: tuple[float, float] = FMNIST_RANGE
+    image_shape: tuple[int, int, int] | None = None  # None: from the data's descriptor (Fashion-MNIST: 1x28x28)
+    value_range: tuple[float, float] | None = None  # None: the range the data's normalisation maps [0, 1] pixels to
     seed: int = 0
 
     def check(self) -> FDDAConfig:
@@ -77,9 +77,14 @@ class FDDAConfig:
         if unknown:
             raise ConfigError(f"unknown FDDA option {unknown[0]!r}; known: {', '.join(sorted(known))}")
         for key in ("image_shape", "value_range"):
-            if key in options:
+            if options.get(key) is not None:
                 options[key] = tuple(options[key])
         return cls(**options).check()
+
+    def geometry(self, info: DataInfo | None) -> tuple[tuple[int, int, int], tuple[float, float]]:
+        """Image shape and value range: set explicitly, else from the data's descriptor, else Fashion-MNIST's."""
+        info = info or FASHION_MNIST_INFO
+        return self.image_shape or info.shape, self.value_range or info.value_range()
 
 
 @dataclass
@@ -126,11 +131,12 @@ def _num_classes(model: nn.Module, shape: tuple[int, int, int], device: torch.de
 
 
 def synthesize(model: nn.Module, cfg: FDDAConfig, real: ImageDataset | None = None, device: torch.device | str = "cpu",
-               console: Console | None = None) -> SynthResult:
+               console: Console | None = None, info: DataInfo | None = None) -> SynthResult:
     """Train G against the frozen FP `model` (with its BN layers, unfolded) and generate `per_class` images per class.
 
     `real` supplies the training images the class centres are measured on (`real_per_class` per class, stratified,
-    seeded); it is not needed when `real_per_class` is 0. The model is put in eval mode and frozen.
+    seeded); it is not needed when `real_per_class` is 0. `info` (or `real`'s) gives the image shape and range.
+    The model is put in eval mode and frozen.
     """
     cfg.check()
     start = time.perf_counter()
@@ -139,7 +145,8 @@ def synthesize(model: nn.Module, cfg: FDDAConfig, real: ImageDataset | None = No
     model.eval().to(dev)
     for p in model.parameters():
         p.requires_grad_(False)
-    num_classes = _num_classes(model, cfg.image_shape, dev)
+    shape, value_range = cfg.geometry(info or (real.info if real is not None else None))
+    num_classes = _num_classes(model, shape, dev)
     classes = [str(i) for i in range(num_classes)]
 
     centres, real_idx, reference = None, [], None
@@ -159,7 +166,7 @@ def synthesize(model: nn.Module, cfg: FDDAConfig, real: ImageDataset | None = No
             reference = float(global_bns_loss(rec.collected(), layers))
 
     torch.manual_seed(cfg.seed)
-    gen = Generator(num_classes, cfg.latent_dim, cfg.channels, cfg.image_shape, cfg.value_range).to(dev).train()
+    gen = Generator(num_classes, cfg.latent_dim, cfg.channels, shape, value_range).to(dev).train()
     opt = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     rng = torch.Generator().manual_seed(cfg.seed + 1)
     loss_fn = FDDALoss(model, cfg, centres, torch.Generator().manual_seed(cfg.seed + 2))
@@ -206,7 +213,7 @@ def synthesize(model: nn.Module, cfg: FDDAConfig, real: ImageDataset | None = No
         "bn_layers": len(layers), "class_loss_layers": [layers[i][0] for i in centres.layer_ids] if centres else [],
         "loss_history": history,
         "seconds": round(time.perf_counter() - start, 1), "device": str(dev), "threads": torch.get_num_threads(),
-        "config": dataclasses.asdict(cfg),
+        "config": {**dataclasses.asdict(cfg), "image_shape": list(shape), "value_range": list(value_range)},
     }
     return SynthResult(images, labels, classes, report)
 

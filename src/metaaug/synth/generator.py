@@ -18,13 +18,14 @@ class Generator(nn.Module):
                  image_shape: tuple[int, int, int] = (1, 28, 28), value_range: tuple[float, float] = (-1.0, 1.0)) -> None:
         super().__init__()
         c_out, h, w = image_shape
-        if h % 4 or w % 4:
-            raise ConfigError(f"generator image size must be divisible by 4, got {h}x{w}")
+        if h < 4 or w < 4:
+            raise ConfigError(f"generator image size must be at least 4x4, got {h}x{w}")
         if not value_range[0] < value_range[1]:
             raise ConfigError(f"generator value range must be (low, high) with low < high, got {value_range}")
-        self.latent_dim, self.base = latent_dim, (2 * channels, h // 4, w // 4)
+        self.size = (h, w)  # generated at the next multiple of 4, then cropped
+        self.latent_dim, self.base = latent_dim, (2 * channels, -(-h // 4), -(-w // 4))
         self.embed = nn.Embedding(num_classes, latent_dim)
-        self.fc = nn.Linear(latent_dim, 2 * channels * (h // 4) * (w // 4))
+        self.fc = nn.Linear(latent_dim, 2 * channels * self.base[1] * self.base[2])
         self.body = nn.Sequential(
             nn.BatchNorm2d(2 * channels),
             nn.Upsample(scale_factor=2),
@@ -43,4 +44,5 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.fc(z * self.embed(y)).view(z.shape[0], *self.base)
-        return self.low + (self.body(h) + 1) * 0.5 * (self.high - self.low)
+        x = self.body(h)[..., : self.size[0], : self.size[1]]
+        return self.low + (x + 1) * 0.5 * (self.high - self.low)
