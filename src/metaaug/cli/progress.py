@@ -9,21 +9,29 @@ from rich.table import Table
 from metaaug.recon.engine import UnitStats
 
 
-class RichProgress:
-    """One bar per unit, showing iterations and ms/iteration as it goes."""
+class _Bars:
+    """A rich progress display with one bar per phase and a free-text info column; a context manager."""
 
     def __init__(self, console: Console) -> None:
-        self.console, self.n_units = console, 0
+        self.console = console
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
         self.task = None
 
-    def __enter__(self) -> RichProgress:
+    def __enter__(self):
         self.bar.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self.bar.__exit__(*exc)
+
+
+class RichProgress(_Bars):
+    """One bar per unit, showing iterations and ms/iteration as it goes."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__(console)
+        self.n_units = 0
 
     def start(self, unit_names: list[str]) -> None:
         self.n_units = len(unit_names)
@@ -39,6 +47,16 @@ class RichProgress:
         if stats.loss_end is not None:
             info += f"  loss {stats.loss_start:.4g} -> {stats.loss_end:.4g}"
         self.bar.update(self.task, completed=max(stats.iters, 1), info=info)
+
+
+class RichSearchProgress(_Bars):
+    """One bar per search phase (MetaQuantNet steps, GA generations) with the current loss or best fitness."""
+
+    def phase(self, name: str, total: int) -> None:
+        self.task = self.bar.add_task(name, total=max(total, 1), info="")
+
+    def advance(self, steps: int, info: str) -> None:
+        self.bar.update(self.task, advance=steps, info=info)
 
 
 def report_table(report: dict) -> Table:

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from metaaug.cli.app import app, console, friendly, out_console
+from metaaug.cli.progress import RichSearchProgress
 from metaaug.errors import ConfigError
 
 
@@ -19,28 +19,6 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise ConfigError(f"{what} must be comma-separated integers, got {text!r}") from None
-
-
-class RichSearchProgress:
-    """One bar per phase (MetaQuantNet steps, GA generations) with the current loss or best fitness."""
-
-    def __init__(self) -> None:
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
-        self.task = None
-
-    def __enter__(self) -> RichSearchProgress:
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.bar.__exit__(*exc)
-
-    def phase(self, name: str, total: int) -> None:
-        self.task = self.bar.add_task(name, total=max(total, 1), info="")
-
-    def advance(self, steps: int, info: str) -> None:
-        self.bar.update(self.task, advance=steps, info=info)
 
 
 @app.command()
@@ -88,7 +66,7 @@ def search(
                        strategy=strategy, evaluations=evaluations,
                        proxy="metaquant" if meta_steps > 0 else "rtn", meta=MetaQuantConfig(steps=meta_steps),
                        ga=GAConfig(population=population, generations=generations))
-    with RichSearchProgress() as prog:
+    with RichSearchProgress(console) as prog:
         summary = run_search(cfg, out, device, prog, ray=ray or ray_address is not None, ray_address=ray_address)
     best = summary["best"]
     out_console.print(f"policy: {out / 'policy.json'}  ({kind} {best['cost'][{'weight_vs_w8': 'weight_vs_w8a8'}.get(kind, kind)]:g} "
