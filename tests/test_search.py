@@ -88,7 +88,7 @@ def test_unreachable_budget_names_the_smallest_reachable():
 def test_search_then_quantize_with_the_policy(tmp_path, small_data):
     out = tmp_path / "search"
     args = ["search", "--model", "resnet20", "--avg-wbits", "2.5", "--wbits-choices", "2,3,4", "--abits", "4",
-            "--generations", "2", "--population", "4", "--meta-steps", "3", "--calib-size", "64", "--seed", "0",
+            "--generations", "2", "--population", "4", "--meta-steps", "3", "--calib-size", "64", "--meta-images", "16", "--seed", "0",
             "--data-dir", str(small_data), "--device", "cpu", "--out", str(out)]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
@@ -96,6 +96,7 @@ def test_search_then_quantize_with_the_policy(tmp_path, small_data):
     assert set(policy) == {"layers"} and all(set(v) == {"wbits", "abits"} for v in policy["layers"].values())
     summary = json.loads((out / "search.json").read_text())
     assert summary["best"]["cost"]["avg_wbits"] <= 2.5
+    assert (summary["calib_images"], summary["holdout_images"], summary["metaquant_images"]) == (51, 13, 51 + 16)
     assert all({"genome", "fitness", "cost", "top1", "kl"} <= set(c) for c in summary["candidates"])
     assert all(c["cost"] <= 2.5 for c in summary["candidates"])
     assert (out / "pareto.png").exists() and (out / "generations.png").exists()

@@ -38,6 +38,7 @@ def search(
     population: Annotated[int, typer.Option(help="GA population")] = 50,
     meta_steps: Annotated[int, typer.Option(help="MetaQuantNet training steps (0 = the round-to-nearest proxy)")] = 1000,
     calib_size: Annotated[int, typer.Option(help="calibration images (a --holdout share scores the candidates)")] = 1024,
+    meta_images: Annotated[int, typer.Option(help="extra unlabeled train images for MetaQuantNet (0: calibration images only)")] = 0,
     holdout: Annotated[float, typer.Option(help="fraction of the calibration images held out for fitness")] = 0.2,
     fitness: Annotated[str, typer.Option(help="kl (label-free) | top1")] = "kl",
     strategy: Annotated[str, typer.Option(help="ga | random (same proxy and evaluations) | sensitivity (Fisher x error knapsack)")] = "ga",
@@ -63,7 +64,7 @@ def search(
     cfg = SearchConfig(model=model, weights=weights, wbits_choices=_ints(wbits_choices, "--wbits-choices") or (),
                        abits_choices=_ints(abits_choices, "--abits-choices"), abits=abits, budget_kind=kind, budget=limit,
                        calib_size=calib_size, holdout=holdout, seed=seed, data_dir=data_dir, fitness=fitness,
-                       strategy=strategy, evaluations=evaluations,
+                       strategy=strategy, evaluations=evaluations, meta_images=meta_images,
                        proxy="metaquant" if meta_steps > 0 else "rtn", meta=MetaQuantConfig(steps=meta_steps),
                        ga=GAConfig(population=population, generations=generations))
     with RichSearchProgress(console) as prog:

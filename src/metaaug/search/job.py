@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from metaaug.api import resolve_device
-from metaaug.data import calibration_split, load_dataset
+from metaaug.data import calibration_split, load_dataset, stratified_indices
 from metaaug.errors import ConfigError
 from metaaug.models.registry import build_model
 from metaaug.quant.prepare import QuantSpec, prepare
@@ -51,6 +51,7 @@ class SearchConfig:
     seed: int = 0
     data_dir: str | None = None
     proxy: str = "metaquant"
+    meta_images: int = 0  # extra unlabeled train images (never calibration or held-out ones) for MetaQuantNet; 0 = PTQ's set
     fitness: str = "kl"  # kl: -KL to the FP logits (label-free, continuous); top1: held-out accuracy, KL breaking ties
     strategy: str = "ga"  # ga; random (same proxy, `evaluations` candidates); sensitivity (Fisher x error knapsack)
     evaluations: int | None = None  # random search: candidates to score (default population x generations)
@@ -68,6 +69,8 @@ class SearchConfig:
             raise ConfigError(f"unknown proxy {self.proxy!r}; use one of {', '.join(PROXIES)}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}")
+        if self.meta_images < 0:
+            raise ConfigError(f"--meta-images must be >= 0, got {self.meta_images}")
         if self.fitness not in FITNESS:
             raise ConfigError(f"unknown fitness {self.fitness!r}; use one of {', '.join(FITNESS)}")
         if not 0 < self.holdout < 1:
@@ -204,7 +207,17 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
     out, dev = Path(out), resolve_device(device)
     budget = Budget(cfg.budget_kind, cfg.budget)
     model = build_model(cfg.model, cfg.weights)
-    calib, hold = calibration_split(load_dataset(cfg.data_dir, "train"), cfg.calib_size, cfg.seed, cfg.holdout)
+    train = load_dataset(cfg.data_dir, "train")
+    calib, hold = calibration_split(train, cfg.calib_size, cfg.seed, cfg.holdout)
+    meta_images = calib.images
+    if cfg.meta_images:  # more unlabeled images for MetaQuantNet only, drawn outside the calibration pool
+        outside = torch.ones(len(train), dtype=torch.bool)
+        outside[stratified_indices(train.labels, cfg.calib_size, cfg.seed)] = False  # the pool calibration_split drew from
+        rest = torch.nonzero(outside).flatten()
+        if cfg.meta_images > len(rest):
+            raise ConfigError(f"--meta-images {cfg.meta_images} exceeds the {len(rest)} train images outside the calibration set")
+        pick = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(cfg.seed + 23))[: cfg.meta_images]]
+        meta_images = torch.cat([calib.images, train.images[pick]])
     qmodel = prepare(model, QuantSpec(8, 8), "layer").to(dev)
     space = SearchSpace(qmodel, calib.images, cfg.wbits_choices, cfg.abits_choices, cfg.abits)
     space.check_budget(budget)
@@ -219,7 +232,7 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
             net.load_state_dict(saved["net"])
             curve = json.loads(saved["curve"])
         else:
-            curve = train_metaquant(net, space, calib.images, cfg, out, progress)
+            curve = train_metaquant(net, space, meta_images, cfg, out, progress)
             torch.save({"net": net.state_dict(), "curve": json.dumps(curve)}, out / NET_FILE)
             (out / NET_PROGRESS).unlink(missing_ok=True)
     meta_seconds = time.perf_counter() - t_meta
@@ -272,7 +285,7 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
         "genes": {"wbits": space.wgenes, "abits": space.agroups if space.achoices else []},
         "seconds": {"metaquant": round(meta_seconds, 1), "search": round(time.perf_counter() - t_ga, 1),
                     "total": round(time.perf_counter() - t0, 1)},
-        "calib_images": len(calib), "holdout_images": len(hold), "device": str(dev),
+        "calib_images": len(calib), "holdout_images": len(hold), "metaquant_images": len(meta_images), "device": str(dev),
     }
     from metaaug.viz import save_search_plots
 
