@@ -81,7 +81,9 @@ def main() -> None:
                 legend = (f"QDrop, 1024 calibration images, {a.iters} iterations per unit. units/found: the units the graph gave "
                           "(residual: a skip joined by add; module: a chain grouped by its owner module; layer: a lone "
                           "layer). same units: names, found-by, layers and the generated code of every unit are equal to "
-                          "the original model's. Unit plans in results.json.")
+                          "the original model's. Unit plans in results.json. bench/baselines: the same run from that "
+                          "benchmark, made by earlier code (class-name blocks); the code just before graph discovery "
+                          "(commit 8c67e00) gives 93.44 / 93.64 for ResNet-20 W2A4 / W4A4 seed 0, the same as here.")
                 write_results(a.out, command, rows, {"unit_plans": plans,
                                                      "runs": {k: strip_run(v) for k, v in sorted(reports.items())}}, legend)
 
