@@ -24,6 +24,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from metaaug.pipeline import RunConfig, run_job
+from metaaug.store import RunStore
 from tables import mean_std, strip_run, write_results
 
 
@@ -58,8 +59,10 @@ def jobs(a: argparse.Namespace) -> list[tuple[str, RunConfig]]:
 
 
 def run_one(run_dir: str, cfg: RunConfig) -> dict:
+    """A finished run's report, or the run; a finished folder that holds another config is refused, not reused."""
     report_path = Path(run_dir) / "report.json"
     if report_path.exists():
+        RunStore(run_dir, cfg.identity())
         return json.loads(report_path.read_text())
     return run_job(cfg, run_dir, device="auto")
 

@@ -97,6 +97,7 @@ def test_run_store_accepts_its_own_config_with_tuples(tmp_path):
     """A config holding tuples (MetaAug's loss terms) is stored as JSON lists; re-opening must not see a change."""
     RunStore(tmp_path, {"terms": ("kl", "pkt"), "x": 1})
     RunStore(tmp_path, {"terms": ("kl", "pkt"), "x": 1})
+    RunStore(tmp_path, {"terms": ("kl", "pkt"), "x": 1, "policy": None})  # a field added later, at its None default
     with pytest.raises(Exception, match="different config"):
         RunStore(tmp_path, {"terms": ("kl",), "x": 1})
 

@@ -50,8 +50,9 @@ class RunStore:
         cfg_path = self.out / CONFIG
         if cfg_path.exists():
             old = json.loads(cfg_path.read_text())
-            if old != config:
-                diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            # a field added later whose value is None (its default) matches a config stored before it existed
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            if diff:
                 raise ConfigError(f"{self.out} holds a run with a different config (differs in: {', '.join(diff)}); "
                                   "use another --out or delete the folder")
         self.out.mkdir(parents=True, exist_ok=True)
