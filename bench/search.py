@@ -68,21 +68,24 @@ def main() -> None:
     p.add_argument("--generations", type=int, default=20)
     p.add_argument("--population", type=int, default=50)
     p.add_argument("--tau", type=int, default=0)
+    p.add_argument("--tau-meta-steps", default="", help="also tau for MetaQuantNets trained this many steps, e.g. 50,200")
     a = p.parse_args()
     command = "python bench/search.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     kind, _, limit = a.budget.partition("=")
+    a.tau_meta_steps = [int(v) for v in a.tau_meta_steps.split(",") if v]
     seeds = [int(s) for s in a.seeds.split(",")]
     wch = tuple(int(v) for v in a.wbits_choices.split(","))
     ach = tuple(int(v) for v in a.abits_choices.split(",")) if a.abits_choices else None
     rows, payload = [], {"searches": {}, "finished": {}, "tau": {}}
     for model in a.models.split(","):
-        def search(name: str, model: str = model, **kw) -> dict:
+        def search(name: str, model: str = model, steps: int = a.meta_steps, **kw) -> dict:
             cfg = SearchConfig(model=model, wbits_choices=wch, abits_choices=ach, abits=a.abits, budget_kind=kind,
-                               budget=float(limit), meta=MetaQuantConfig(steps=a.meta_steps),
+                               budget=float(limit), meta=MetaQuantConfig(steps=steps),
                                ga=GAConfig(population=a.population, generations=a.generations), **kw)
             folder = a.out / "searches" / f"{model}-{kind}{limit}-{name}"
             trained = a.out / "searches" / f"{model}-{kind}{limit}-ga-metaquant" / NET_FILE
-            if kw.get("proxy", "metaquant") == "metaquant" and trained.exists() and not (folder / NET_FILE).exists():
+            if (kw.get("proxy", "metaquant") == "metaquant" and steps == a.meta_steps and trained.exists()
+                    and not (folder / NET_FILE).exists()):
                 folder.mkdir(parents=True, exist_ok=True)  # MetaQuantNet is trained once per model: the others reuse it
                 shutil.copy(trained, folder / NET_FILE)
             done = folder / "search.json"
@@ -131,6 +134,11 @@ def main() -> None:
                                      "rtn_proxy": round(kendall_tau(fit_rt, finals), 3), "final_top1": finals,
                                      "final_spread": round(max(finals) - min(finals), 2),
                                      "final_std": round(statistics.pstdev(finals), 3)}
+            for steps in a.tau_meta_steps:  # the proxy's quality against MetaQuantNet's training length, same policies
+                other = search(f"tau{a.tau}-metaquant{steps}", steps=steps, strategy="random", evaluations=a.tau)
+                fits = {tuple(c["genome"]): c["fitness"] for c in other["candidates"]}
+                payload["tau"][model][f"metaquant_{steps}_steps"] = round(
+                    kendall_tau([fits[tuple(c["genome"])] for c in mq["candidates"]], finals), 3)
             print(f"{model} Kendall tau: {payload['tau'][model]}", flush=True)
         legend = (f"Every policy finished by QDrop ({a.iters} iterations per unit, 1024 images); quant_top1: test top-1, mean ± std "
                   f"over seeds. proxy: the search's own held-out top-1 / KL with its proxy weights. Searches: "
