@@ -211,7 +211,7 @@ class UnitFinder:
         for region, kind in self.regions():
             layers = {self.layer_paths[n] for n in region if n in self.layer_paths}
             owner = self.owner(region)
-            ordered = sorted(layers, key=lambda p: self.order[next(n for n, q in self.layer_paths.items() if q == p)])
+            ordered = [self.layer_paths[n] for n in self.layers if self.layer_paths[n] in layers]  # graph order
             name = self._name(layers, owner) or f"{ordered[0]}..{ordered[-1]}"
             kinds[name] = kind
             in_region |= layers

@@ -20,6 +20,7 @@ import torch
 from metaaug.api import resolve_device
 from metaaug.data import calibration_split, load_dataset, stratified_indices
 from metaaug.errors import ConfigError
+from metaaug.evaluate import accuracy, logits_of
 from metaaug.models.registry import build_model
 from metaaug.quant.prepare import QuantSpec, prepare
 from metaaug.recon.engine import threads
@@ -131,7 +132,7 @@ def train_metaquant(net: MetaQuantNet, space: SearchSpace, images: torch.Tensor,
         rng.setstate((saved["rng"][0], tuple(saved["rng"][1]), saved["rng"][2]))
         start, curve = saved["step"], json.loads(saved["curve"])
     with torch.no_grad():
-        targets = torch.cat([net.fp_logits(images[i:i + 256].to(dev)) for i in range(0, len(images), 256)])
+        targets = logits_of(net.fp_logits, images, 256, dev).to(dev)
     progress.phase("MetaQuantNet", mcfg.steps)
     progress.advance(start, "resumed" if start else "")
     low, high = space.policy(space.lowest()), space.policy(space.highest())
@@ -159,8 +160,8 @@ def score(net: MetaQuantNet, space: SearchSpace, images: torch.Tensor, labels: t
     for g in genomes:
         pol = space.policy(g)
         with threads(1):  # one thread everywhere: serial and Ray workers then compute bit-identical scores
-            logits = torch.cat([net(images[i:i + 512].to(dev), pol) for i in range(0, len(images), 512)])
-        top1 = 100.0 * float((logits.argmax(1).cpu() == labels).float().mean())
+            logits = logits_of(lambda x, pol=pol: net(x, pol), images, 512, dev)
+        top1 = accuracy(logits, labels)
         kl = float(torch.nn.functional.kl_div(logits.log_softmax(1), fp.log_softmax(1), log_target=True, reduction="batchmean"))
         fit = -kl if fitness == "kl" else top1 - 1e-3 * kl
         out.append({"fitness": round(fit, 6), "top1": round(top1, 2), "kl": round(kl, 6)})
@@ -237,7 +238,7 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
             (out / NET_PROGRESS).unlink(missing_ok=True)
     meta_seconds = time.perf_counter() - t_meta
     net.eval()
-    fp = torch.cat([net.fp_logits(hold.images[i:i + 512].to(dev)) for i in range(0, len(hold), 512)]).cpu()
+    fp = logits_of(net.fp_logits, hold.images, 512, dev)
 
     def evaluate(genomes: list[Genome]) -> list[dict]:
         return score(net, space, hold.images, hold.labels, fp, genomes, cfg.fitness)

@@ -72,6 +72,8 @@ class MetaQuantNet(nn.Module):
             p.requires_grad_(False)
         self.cfg, self.wchoices, self.achoices = cfg, tuple(wchoices), tuple(achoices)
         self.layers = {ql.path: ql for ql in qmodel.quant_layers()}
+        names = {id(m): n for n, m in qmodel.named_modules()}
+        self.weight_keys = {path: f"{names[id(ql)]}.layer.weight" for path, ql in self.layers.items()}  # for functional_call
         self.searchable = list(searchable)
         self.gens = nn.ModuleDict({_key(p): LayerGenerator(self.layers[p].weight.numel(), cfg.embed, cfg.hidden)
                                    for p in self.searchable})
@@ -120,9 +122,8 @@ class MetaQuantNet(nn.Module):
     def _bits(self, policy: Policy) -> Iterator[dict[str, torch.Tensor]]:
         """Set each activation quantizer's bits for `policy`; yields the parameter overrides for functional_call."""
         overrides: dict[str, torch.Tensor] = {}
-        names = {id(m): n for n, m in self.qmodel.named_modules()}
         for path, ql in self.layers.items():
-            overrides[f"{names[id(ql)]}.layer.weight"] = self.weight(path, policy.layers[path].wbits)
+            overrides[self.weight_keys[path]] = self.weight(path, policy.layers[path].wbits)
             ql.quantize_weight = False
         saved = {n: aq.bits for n, aq in self.aqs.items()}
         for n, aq in self.aqs.items():
