@@ -45,6 +45,13 @@ class GAState:
 Evaluate = Callable[[list[Genome]], list[dict]]  # each result holds at least "fitness"
 
 
+def _score_new(state: GAState, genomes: list[Genome], space: SearchSpace, budget: Budget, evaluate: Evaluate) -> None:
+    """Score the genomes not scored yet (the cache), recording the generation and the budgeted cost."""
+    new = [g for g in dict.fromkeys(genomes) if g not in state.scores]
+    for g, r in zip(new, evaluate(new), strict=True):
+        state.scores[g] = {**r, "generation": state.generation, "cost": budget.value(space.cost(g))}
+
+
 def _fitness(result: dict) -> float:
     return result["fitness"]
 
@@ -63,9 +70,7 @@ def genetic_search(space: SearchSpace, budget: Budget, cfg: GAConfig, evaluate: 
             pop.append(space.repair(space.random(rng), budget, rng))
         state.population = list(dict.fromkeys(pop))
     while state.generation < cfg.generations:
-        new = [g for g in dict.fromkeys(state.population) if g not in state.scores]
-        for g, r in zip(new, evaluate(new), strict=True):
-            state.scores[g] = {**r, "generation": state.generation, "cost": budget.value(space.cost(g))}
+        _score_new(state, state.population, space, budget, evaluate)
         ranked = sorted(dict.fromkeys(state.population), key=lambda g: _fitness(state.scores[g]), reverse=True)
         best = ranked[0]
         state.history.append({"generation": state.generation, "best_fitness": _fitness(state.scores[best]),
@@ -86,9 +91,7 @@ def genetic_search(space: SearchSpace, budget: Budget, cfg: GAConfig, evaluate: 
         state.rng_state = rng.getstate()
         if on_generation is not None:
             on_generation(state)
-    new = [g for g in dict.fromkeys(state.population) if g not in state.scores]
-    for g, r in zip(new, evaluate(new), strict=True):
-        state.scores[g] = {**r, "generation": state.generation, "cost": budget.value(space.cost(g))}
+    _score_new(state, state.population, space, budget, evaluate)
     return state
 
 
@@ -114,8 +117,7 @@ def random_search(space: SearchSpace, budget: Budget, evaluations: int, batch: i
             g = space.repair(space.random(rng), budget, rng)
             if g not in state.scores and g not in new:
                 new.append(g)
-        for g, r in zip(new, evaluate(new), strict=True):
-            state.scores[g] = {**r, "generation": state.generation, "cost": budget.value(space.cost(g))}
+        _score_new(state, new, space, budget, evaluate)
         best = max(state.scores, key=lambda g: _fitness(state.scores[g]))
         state.history.append({"generation": state.generation, "best_fitness": _fitness(state.scores[best]),
                               "mean_fitness": sum(_fitness(state.scores[g]) for g in new) / max(1, len(new)),
