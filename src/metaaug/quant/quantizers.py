@@ -25,8 +25,9 @@ def check_bits(bits: int, what: str = "bit-width") -> int:
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round with a straight-through gradient."""
-    return x + (x.round() - x).detach()
+    """Round with a straight-through gradient. The forward is exactly `x.round()` (`x + (round(x) - x)` can be off by
+    one ulp), so weights in round-to-nearest mode quantize bit-identically with or without the gradient path."""
+    return x.round() + (x - x.detach())
 
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
