@@ -45,3 +45,11 @@ def test_interrupted_training_resumes_bit_exactly(tmp_path, tiny_setup, monkeypa
     with pytest.raises(Exception, match="another recipe"):
         torch.save({"recipe": [1, 2, 3, 4, 5]}, tmp_path / "resumed" / "tiny_train_progress.pt")
         train_mod.train("tiny", 3, 16, 0.1, 5e-4, 0, tmp_path / "resumed")
+
+
+def test_training_on_some_classes_names_them(tmp_path, tiny_setup):
+    card = train_mod.train("tiny", 1, 4, 0.1, 5e-4, 0, tmp_path, classes=(0, 1, 2))
+    assert card["classes"] == [0, 1, 2]
+    assert (tmp_path / "tiny_fmnist_classes012.safetensors").exists()
+    with pytest.raises(Exception, match="class 12 does not exist"):
+        train_mod.train("tiny", 1, 4, 0.1, 5e-4, 0, tmp_path, classes=(0, 12))

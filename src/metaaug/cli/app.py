@@ -88,8 +88,9 @@ def quantize(
 @app.command("eval")
 @friendly
 def eval_(
-    run: Annotated[Path | None, typer.Option(help="run folder written by `metaaug quantize`")] = None,
+    run: Annotated[Path | None, typer.Option(help="run folder written by `metaaug quantize` or `metaaug qat`")] = None,
     quantized: Annotated[Path | None, typer.Option(help="packed file from `metaaug export --format packed` (no FP checkpoint needed)")] = None,
+    bits: Annotated[str | None, typer.Option(help="QAT runs: the width to evaluate, e.g. 4 (W=A) or 2,4 (W,A); unseen widths work")] = None,
     data_dir: Annotated[str | None, typer.Option()] = None,
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
@@ -99,6 +100,18 @@ def eval_(
 
     if (run is None) == (quantized is None):
         raise MetaAugError("give exactly one of --run or --quantized")
+    if run is not None and (bits is not None or _is_qat(run)):
+        from metaaug.qat.job import eval_width, parse_width
+
+        if bits is None:
+            raise MetaAugError(f"{run} is a QAT run: give the width to evaluate with --bits (e.g. --bits 4)")
+        result = eval_width(run, parse_width(bits), device)
+        typer.echo(json.dumps(result))
+        if result["report_quant_top1"] is not None and result["report_quant_top1"] != result["quant_top1"]:
+            raise typer.Exit(1)
+        return
+    if bits is not None:
+        raise MetaAugError("--bits applies to QAT run folders only; a packed file holds one width")
     if quantized is not None:
         from metaaug.api import resolve_device
         from metaaug.export.pack import load_quantized, read_metadata
@@ -125,6 +138,7 @@ def train(
     epochs: Annotated[int, typer.Option()] = 15,
     out: Annotated[Path | None, typer.Option(help="folder for <model>_fmnist.safetensors")] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    classes: Annotated[str | None, typer.Option(help="train on these classes only (few-shot seen classes), e.g. 0,1,2,3,4,5")] = None,
 ) -> None:
     """Train a bundled FP model on Fashion-MNIST (the recipe in the model card)."""
     from metaaug.models.registry import BUNDLED, WEIGHTS_DIR
@@ -132,7 +146,8 @@ def train(
 
     if model not in BUNDLED:
         raise MetaAugError(f"unknown model {model!r}; trainable: {', '.join(BUNDLED)}")
-    card = train_fn(model, epochs, 128, 0.2, 5e-4, seed, out or WEIGHTS_DIR)
+    seen = tuple(int(c) for c in classes.split(",")) if classes else None
+    card = train_fn(model, epochs, 128, 0.2, 5e-4, seed, out or WEIGHTS_DIR, seen)
     out_console.print_json(json.dumps(card))
 
 
@@ -183,6 +198,12 @@ def cost(
         out_console.print(f"policy written to {write_policy}")
 
 
+def _is_qat(run: Path) -> bool:
+    from metaaug.qat.job import is_qat_run
+
+    return is_qat_run(run)
+
+
 def parse_options(items: list[str]) -> dict:
     opts = {}
     for item in items:
@@ -197,7 +218,7 @@ def parse_options(items: list[str]) -> dict:
 
 
 import metaaug.cli.export_cmd  # noqa: E402,F401  (registers `metaaug export`)
-from metaaug.cli import search_cmd, synth_cmd  # noqa: E402,F401  (register `metaaug search` and `metaaug synth`)
+from metaaug.cli import qat_cmd, search_cmd, synth_cmd  # noqa: E402,F401  (register qat/fewshot, search and synth)
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ def export(
     limit: Annotated[int | None, typer.Option(help="check on the first N test images only")] = None,
     tol_top1: Annotated[float, typer.Option(help="onnx: max |onnx top-1 - torch top-1| in points")] = 0.1,
     min_agreement: Annotated[float, typer.Option(help="onnx: min % of predictions onnxruntime and PyTorch agree on")] = 99.5,
+    bits: Annotated[str | None, typer.Option(help="QAT runs: the width to export, e.g. 4 (W=A) or 2,4")] = None,
 ) -> None:
     """Export a quantized run; results (onnx_top1, torch_top1, max_abs_logit_diff, sizes) go to <run>/export.json."""
     from metaaug.export.jobs import export_onnx_run, export_packed_run
@@ -35,14 +36,14 @@ def export(
         raise ConfigError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be positive, got {limit}")
-    out = out or run / FORMATS[format]
+    out = out or run / (FORMATS[format] if bits is None else f"w{bits.replace(',', 'a')}." + FORMATS[format])
     if format == "onnx":
-        r = export_onnx_run(run, out, data_dir, limit, tol_top1, min_agreement)
+        r = export_onnx_run(run, out, data_dir, limit, tol_top1, min_agreement, bits=bits)
         out_console.print(f"wrote {out} ({_kib(r['onnx_bytes'])}); onnxruntime top-1 {r['onnx_top1']:.2f} vs PyTorch "
                           f"{r['torch_top1']:.2f} on {r['onnx_images']} images, {r['onnx_agreement']:.2f}% agreement, "
                           f"max |logit diff| {r['max_abs_logit_diff']:.3g}: check passed", highlight=False)
     else:
-        r = export_packed_run(run, out, data_dir, limit)
+        r = export_packed_run(run, out, data_dir, limit, bits=bits)
         vs = f", {r['compression_vs_checkpoint']}x smaller than the FP checkpoint ({_kib(r['fp_checkpoint_bytes'])})" \
             if r["compression_vs_checkpoint"] else ""
         out_console.print(f"wrote {out} ({_kib(r['packed_bytes'])}{vs}); integer weights {_kib(r['packed_weight_bytes'])} vs "

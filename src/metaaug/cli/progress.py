@@ -49,8 +49,8 @@ class RichProgress(_Bars):
         self.bar.update(self.task, completed=max(stats.iters, 1), info=info)
 
 
-class RichSearchProgress(_Bars):
-    """One bar per search phase (MetaQuantNet steps, GA generations) with the current loss or best fitness."""
+class RichPhases(_Bars):
+    """One bar per phase (MetaQuantNet steps, GA generations, QAT epochs) with its current status."""
 
     def phase(self, name: str, total: int) -> None:
         self.task = self.bar.add_task(name, total=max(total, 1), info="")

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from metaaug.cli.app import app, console, friendly, out_console
-from metaaug.cli.progress import RichSearchProgress
+from metaaug.cli.progress import RichPhases
 from metaaug.errors import ConfigError
 
 
@@ -67,7 +67,7 @@ def search(
                        strategy=strategy, evaluations=evaluations, meta_images=meta_images,
                        proxy="metaquant" if meta_steps > 0 else "rtn", meta=MetaQuantConfig(steps=meta_steps),
                        ga=GAConfig(population=population, generations=generations))
-    with RichSearchProgress(console) as prog:
+    with RichPhases(console) as prog:
         summary = run_search(cfg, out, device, prog, ray=ray or ray_address is not None, ray_address=ray_address)
     best = summary["best"]
     out_console.print(f"policy: {out / 'policy.json'}  ({kind} {best['cost'][{'weight_vs_w8': 'weight_vs_w8a8'}.get(kind, kind)]:g} "

@@ -18,18 +18,18 @@ from metaaug.data import load_dataset
 from metaaug.data.datasets import ImageDataset
 from metaaug.errors import ModelError
 from metaaug.evaluate import accuracy, logits_of
-from metaaug.pipeline import RunConfig, load_run
+from metaaug.pipeline import load_run
 
 EXPORT_JSON = "export.json"
 
 
-def fp_checkpoint_path(cfg: RunConfig) -> Path | None:
+def fp_checkpoint_path(model: str, weights: str | None) -> Path | None:
     """The FP checkpoint the run started from (the bundled one when `--weights` was not given)."""
     from metaaug.models.registry import BUNDLED, bundled_weights
 
-    if cfg.weights is not None:
-        return Path(cfg.weights)
-    return bundled_weights(cfg.model) if cfg.model in BUNDLED else None
+    if weights is not None:
+        return Path(weights)
+    return bundled_weights(model) if model in BUNDLED else None
 
 
 def record(run_dir: str | Path, results: dict[str, Any]) -> dict[str, Any]:
@@ -43,13 +43,34 @@ def record(run_dir: str | Path, results: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _test_set(cfg: RunConfig, data_dir: str | None, limit: int | None) -> ImageDataset:
-    test = load_dataset(data_dir or cfg.data_dir, "test")
+def _test_set(run_data_dir: str | None, data_dir: str | None, limit: int | None) -> ImageDataset:
+    test = load_dataset(data_dir or run_data_dir, "test")
     return test.subset(torch.arange(min(limit, len(test)))) if limit else test
 
 
+def load_for_export(run_dir: str | Path, bits: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """The run's quantized model and what the packed file records of it: a `quantize` run as it is, a `qat` run at
+    the width `bits` (e.g. '4' or '2,4')."""
+    from metaaug.qat.job import export_view, is_qat_run, parse_width
+
+    if is_qat_run(run_dir):
+        if bits is None:
+            raise ModelError(f"{run_dir} is a QAT run: give the width to export with --bits (e.g. --bits 4)")
+        qmodel, meta = export_view(run_dir, parse_width(bits))
+        return qmodel, meta
+    if bits is not None:
+        raise ModelError(f"--bits applies to QAT run folders only; {run_dir} holds one quantized width")
+    qmodel, cfg, report = load_run(run_dir, "cpu")
+    units = cfg.units if cfg.units is not None else cfg.method_cfg().units
+    extra = {"quant_top1": report.get("quant_top1"), "fp_top1": report.get("fp_top1"), "data_dir": cfg.data_dir,
+             "wbits": cfg.wbits, "abits": cfg.abits}
+    return qmodel, {"model": cfg.model, "method": cfg.method, "spec": dataclasses.asdict(cfg.spec()), "units": units,
+                    "extra": extra, "weights": cfg.weights, "data_dir": cfg.data_dir}
+
+
 def export_onnx_run(run_dir: str | Path, out: str | Path, data_dir: str | None = None, limit: int | None = None,
-                    tol_top1: float = 0.1, min_agreement: float = 99.5, act_int4: bool = True) -> dict[str, Any]:
+                    tol_top1: float = 0.1, min_agreement: float = 99.5, act_int4: bool = True,
+                    bits: str | None = None) -> dict[str, Any]:
     """Write the QDQ ONNX model, run it in onnxruntime on the test set and compare with PyTorch.
 
     Raises ModelError (after recording the numbers) when top-1 differs by more than `tol_top1` points or fewer
@@ -58,8 +79,8 @@ def export_onnx_run(run_dir: str | Path, out: str | Path, data_dir: str | None =
     from metaaug.export.onnx_export import export_onnx, onnx_logits, require_onnx
 
     require_onnx()
-    qmodel, cfg, _ = load_run(run_dir, "cpu")
-    test = _test_set(cfg, data_dir, limit)
+    qmodel, meta = load_for_export(run_dir, bits)
+    test = _test_set(meta["data_dir"], data_dir, limit)
     start = time.perf_counter()
     export_onnx(qmodel, out, test.images[:1], act_int4=act_int4)
     export_s = time.perf_counter() - start
@@ -84,21 +105,18 @@ def export_onnx_run(run_dir: str | Path, out: str | Path, data_dir: str | None =
     return results
 
 
-def export_packed_run(run_dir: str | Path, out: str | Path, data_dir: str | None = None, limit: int | None = None) -> dict[str, Any]:
+def export_packed_run(run_dir: str | Path, out: str | Path, data_dir: str | None = None, limit: int | None = None,
+                      bits: str | None = None) -> dict[str, Any]:
     """Write the packed file, rebuild the model from it alone and check its logits equal the run's exactly."""
     from metaaug.export.pack import load_quantized, save_packed
 
-    qmodel, cfg, report = load_run(run_dir, "cpu")
-    units = cfg.units if cfg.units is not None else cfg.method_cfg().units
-    extra = {"quant_top1": report.get("quant_top1"), "fp_top1": report.get("fp_top1"), "data_dir": cfg.data_dir,
-             "wbits": cfg.wbits, "abits": cfg.abits}
-    sizes = save_packed(qmodel, out, {"model": cfg.model, "method": cfg.method, "spec": dataclasses.asdict(cfg.spec()),
-                                      "units": units, "extra": extra})
-    test = _test_set(cfg, data_dir, limit)
+    qmodel, meta = load_for_export(run_dir, bits)
+    sizes = save_packed(qmodel, out, {k: meta[k] for k in ("model", "method", "spec", "units", "extra")})
+    test = _test_set(meta["data_dir"], data_dir, limit)
     ref = logits_of(qmodel, test.images)
     got = logits_of(load_quantized(out), test.images)
     diff = float((got - ref).abs().max())
-    ckpt = fp_checkpoint_path(cfg)
+    ckpt = fp_checkpoint_path(meta["model"], meta["weights"])
     ckpt_bytes = ckpt.stat().st_size if ckpt is not None and ckpt.is_file() else None
     results = {
         "packed_path": str(out), "packed_bytes": sizes["file_bytes"],

@@ -30,6 +30,12 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x.round() + (x - x.detach())
 
 
+def nearest_index(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, levels: int) -> torch.Tensor:
+    """Round-to-nearest integer grid index `q - z` in [-z, levels - z], straight-through so `w` and `scale` get
+    gradients (LSQ's step gradient for a learned scale). Shared by post-training and quantization-aware training."""
+    return (round_ste(w / scale) + zero_point).clamp(0, levels) - zero_point
+
+
 def keep_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """0/1 mask, 1 with probability p. For p = 0.5 on CPU it unpacks random bytes into bits: the CPU generator is
     serial, so drawing one byte per 8 elements is ~2x cheaper than `rand_like` on the reconstruction hot path."""
@@ -161,7 +167,7 @@ class WeightQuantizer(nn.Module):
     def integer(self, w: torch.Tensor) -> torch.Tensor:
         """The integer grid index `q - z` in [-z, 2^b - 1 - z] (differentiable in soft mode)."""
         if self.mode == "nearest":  # straight-through: a generator of w (MetaQuantNet) or a learned scale gets gradients
-            return (round_ste(w / self.scale) + self.zero_point).clamp(0, self.levels) - self.zero_point
+            return nearest_index(w, self.scale, self.zero_point, self.levels)
         up = self.h() if self.mode == "soft" else (self.alpha >= 0).to(w.dtype)
         return torch.clamp(self.w_floor + up, -self.zero_point, self.levels - self.zero_point)
 

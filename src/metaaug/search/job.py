@@ -13,7 +13,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -22,6 +22,7 @@ from metaaug.data import calibration_split, load_dataset, stratified_indices
 from metaaug.errors import ConfigError
 from metaaug.evaluate import accuracy, logits_of
 from metaaug.models.registry import build_model
+from metaaug.progress import PhaseProgress, QuietPhases
 from metaaug.quant.prepare import QuantSpec, prepare
 from metaaug.recon.engine import threads
 from metaaug.search.genetic import GAConfig, GAState, best_genome, genetic_search, random_search
@@ -79,19 +80,6 @@ class SearchConfig:
         Budget(self.budget_kind, self.budget)
 
 
-class SearchProgress(Protocol):
-    def phase(self, name: str, total: int) -> None: ...
-    def advance(self, steps: int, info: str) -> None: ...
-
-
-class _Quiet:
-    def phase(self, name: str, total: int) -> None:
-        pass
-
-    def advance(self, steps: int, info: str) -> None:
-        pass
-
-
 def _genome_key(g: Genome) -> str:
     return ",".join(map(str, g))
 
@@ -117,7 +105,7 @@ def _load_state(path: Path) -> GAState | None:
 
 
 def train_metaquant(net: MetaQuantNet, space: SearchSpace, images: torch.Tensor, cfg: SearchConfig, out: Path,
-                    progress: SearchProgress) -> list[dict]:
+                    progress: PhaseProgress) -> list[dict]:
     """Train once: per step a random policy (plus the all-lowest and all-highest ones), KL to the FP logits.
     Saves progress every SAVE_EVERY steps; a rerun continues from there and ends where an uninterrupted run would."""
     mcfg, dev = cfg.meta, next(net.parameters()).device
@@ -199,12 +187,12 @@ def _ray_scorer(model, net: MetaQuantNet, space: SearchSpace, hold, fp: torch.Te
     return evaluate
 
 
-def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progress: SearchProgress | None = None,
+def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progress: PhaseProgress | None = None,
                ray: bool = False, ray_address: str | None = None) -> dict[str, Any]:
     """Search per `cfg`; writes policy.json, search.json and PNGs into `out` and returns the summary.
     `ray` scores the candidates as Ray tasks; the result is the same as the serial run's."""
     t0 = time.perf_counter()
-    progress = progress or _Quiet()
+    progress = progress or QuietPhases()
     out, dev = Path(out), resolve_device(device)
     budget = Budget(cfg.budget_kind, cfg.budget)
     model = build_model(cfg.model, cfg.weights)
