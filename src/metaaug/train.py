@@ -57,8 +57,9 @@ def train(name: str, epochs: int, batch: int, lr: float, wd: float, seed: int, o
     steps = epochs * (len(train_ds) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     start, first = time.time(), 0
+    # saved after every epoch: an interrupted run resumes from it (the name and recipe of all-class runs are unchanged)
     progress = out / f"{name if classes is None else stem}_train_progress.pt"
-    recipe = [epochs, batch, lr, wd, seed] + ([] if classes is None else [list(classes)])  # saved after every epoch: an interrupted run resumes from it
+    recipe = [epochs, batch, lr, wd, seed] + ([] if classes is None else [list(classes)])
     if progress.exists():
         saved = torch.load(progress, weights_only=True)
         if saved["recipe"] != recipe:
