@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from metaaug.data import load_dataset
 from metaaug.errors import ConfigError
-from metaaug.qat.job import job_data, load_qat_run, materialize
+from metaaug.qat.job import materialize, open_qat_run
 from metaaug.qat.switchable import width_name
 from metaaug.quant.prepare import QuantModel
 
@@ -106,7 +106,7 @@ def episode_accuracy(feats: torch.Tensor, support: torch.Tensor, query: torch.Te
 
 def run_fewshot(run_dir: str | Path, widths: list[int | None], cfg: EpisodeConfig, out: str | Path | None = None) -> dict[str, Any]:
     """Episodes per (width, K, head) on the unseen classes' test images; mean accuracy with a 95% interval."""
-    model, job, _ = load_qat_run(run_dir, "cpu")
+    model, job, _, calib, _ = open_qat_run(run_dir, "cpu")
     seen = job.qat.classes
     if seen is None:
         raise ConfigError(f"{run_dir} was trained on every class; meta-train on seen classes first (`metaaug qat --classes 0,1,2,3,4,5`)")
@@ -115,7 +115,6 @@ def run_fewshot(run_dir: str | Path, widths: list[int | None], cfg: EpisodeConfi
     keep = torch.nonzero(torch.isin(test.labels, torch.tensor(unseen))).flatten()
     images, labels = test.images[keep], test.labels[keep]
     by_class = {c: torch.nonzero(labels == c).flatten() for c in unseen}
-    _, calib, _ = job_data(job)
     results = []
     for bits in widths:
         width = None if bits is None else (bits, bits)

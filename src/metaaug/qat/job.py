@@ -128,8 +128,9 @@ def run_qat(job: QATJob, out: str | Path, device: str = "auto", progress: PhaseP
     return report
 
 
-def load_qat_run(run_dir: str | Path, device: str = "auto") -> tuple[QATModel, QATJob, dict[str, Any]]:
-    """Rebuild a finished QAT run's model (weights, quantizer banks, per-width BatchNorm statistics)."""
+def open_qat_run(run_dir: str | Path, device: str = "auto") -> tuple[QATModel, QATJob, dict[str, Any], torch.Tensor, ImageDataset]:
+    """Rebuild a finished QAT run's model (weights, quantizer banks, per-width BatchNorm statistics), with its report,
+    calibration images and test split (loaded once for callers that need them)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise ConfigError(f"{run_dir} is not a run folder (config.json missing)")
@@ -139,12 +140,18 @@ def load_qat_run(run_dir: str | Path, device: str = "auto") -> tuple[QATModel, Q
     if not (run_dir / QAT_STATE).exists():
         raise ConfigError(f"{run_dir} holds no finished QAT run ({QAT_STATE} missing); rerun `metaaug qat` to resume it")
     job = QATJob.from_identity(stored)
-    _, calib, _ = job_data(job)
+    _, calib, test = job_data(job)
     dev = resolve_device(device)
     model = build_qat_model(job, calib, dev)
     model.load_state_dict(load_file(str(run_dir / QAT_STATE), device=str(dev)))
     _load_bn(model, run_dir / BN_STATS)
-    return model.eval(), job, read_json(run_dir / REPORT)
+    return model.eval(), job, read_json(run_dir / REPORT), calib.to(dev), test
+
+
+def load_qat_run(run_dir: str | Path, device: str = "auto") -> tuple[QATModel, QATJob, dict[str, Any]]:
+    """Rebuild a finished QAT run's model (weights, quantizer banks, per-width BatchNorm statistics)."""
+    model, job, report, _, _ = open_qat_run(run_dir, device)
+    return model, job, report
 
 
 def is_qat_run(run_dir: str | Path) -> bool:
@@ -166,10 +173,9 @@ def parse_width(bits: str) -> Width:
 
 def eval_width(run_dir: str | Path, width: Width, device: str = "auto") -> dict[str, Any]:
     """Test top-1 of the run at `width` (BatchNorm statistics re-estimated when the run has none for it)."""
-    model, job, report = load_qat_run(run_dir, device)
-    _, calib, test = job_data(job)
+    model, job, report, calib, test = open_qat_run(run_dir, device)
     dev = next(model.parameters()).device
-    qmodel = materialize(model, width, calib.to(dev))
+    qmodel = materialize(model, width, calib)
     acc = round(top1(qmodel, test, device=dev), 2)
     name = width_name(width)
     expected = report["top1"].get(name, report.get("unseen_top1", {}).get(name))
@@ -186,8 +192,7 @@ def materialize(model: QATModel, width: Width, calib: torch.Tensor) -> QuantMode
 
 def export_view(run_dir: str | Path, width: Width) -> tuple[QuantModel, dict[str, Any]]:
     """What the exporters need from a QAT run at one width: the model and the packed file's metadata."""
-    model, job, report = load_qat_run(run_dir, "cpu")
-    _, calib, _ = job_data(job)
+    model, job, report, calib, _ = open_qat_run(run_dir, "cpu")
     qmodel = materialize(model, width, calib)
     name = width_name(width)
     spec = QuantSpec(width[0], width[1], model.edge_bits, fold_bn=False)
