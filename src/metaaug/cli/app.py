@@ -167,6 +167,8 @@ def models() -> None:
         card = json.loads(card_path.read_text()) if card_path.exists() else {}
         params = sum(p.numel() for p in factory().parameters())
         trained = f"{card['epochs']} epochs, {card['seconds'] / 60:.0f} min" if card else "-"
+        if "seconds_note" in card:  # wall time that includes pauses: the model card gives the real figure
+            trained += " (wall, see MODEL_CARD.md)"
         table.add_row(name, f"{card.get('test_top1', '-')}", f"{params:,}", trained, bundled_weights(name).name)
     out_console.print(table)
 

@@ -1,0 +1,103 @@
+"""Does reconstruction overfit a scarce calibration set? A verdict table and plot over a grid's runs.
+
+Reads the runs of `bench/grid.py` result folders (e.g. QDrop at 10, 20, 30, 64 and 1024 calibration images) and
+writes `<out>/overfit.md`, `<out>/overfit.json` and `<out>/overfit.png`. A cell counts as overfitting where test
+top-1 is at least 1 point below the same method at 1024 images (mean over seeds) and the calibration-minus-test
+gap is at least 3 points (issue #13's definition).
+
+    python bench/overfit.py --out bench/overfit bench/overfit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+from tables import mean_std
+
+FULL = 1024
+DROP, GAP = 1.0, 3.0
+
+
+def load_runs(folders: list[Path]) -> list[dict]:
+    runs = []
+    for folder in folders:
+        for key, rep in json.loads((folder / "results.json").read_text())["runs"].items():
+            runs.append({**rep, "variant": key.split("-")[1]})
+    return runs
+
+
+def verdicts(runs: list[dict]) -> list[dict]:
+    cells: dict[tuple, list[dict]] = {}
+    for r in runs:
+        cells.setdefault((r["model"], r["variant"], f"W{r['wbits']}A{r['abits']}", r["calib_size"]), []).append(r)
+    rows = []
+    for (model, variant, setting, n), reps in sorted(cells.items()):
+        test = [r["quant_top1"] for r in reps]
+        gap = [r["calib_top1"] - r["quant_top1"] for r in reps]
+        full = cells.get((model, variant, setting, FULL))
+        drop = statistics.mean(test) - statistics.mean(r["quant_top1"] for r in full) if full else None
+        overfits = drop is not None and n != FULL and drop <= -DROP and statistics.mean(gap) >= GAP
+        rows.append({"model": model, "variant": variant, "setting": setting, "calib_size": n, "seeds": len(reps),
+                     "test_top1": mean_std(test), "calib_top1": mean_std([r["calib_top1"] for r in reps]),
+                     "gap": mean_std(gap), "vs_1024": "-" if drop is None or n == FULL else f"{drop:+.2f}",
+                     "overfits": "yes" if overfits else "no",
+                     "_test": statistics.mean(test), "_std": statistics.stdev(test) if len(test) > 1 else 0.0,
+                     "_gap": statistics.mean(gap)})
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in sorted({(r["model"], r["variant"], r["setting"]) for r in rows}):
+        pts = sorted((r["calib_size"], r["_test"], r["_std"], r["_gap"]) for r in rows
+                     if (r["model"], r["variant"], r["setting"]) == key)
+        xs = [p[0] for p in pts]
+        a.errorbar(xs, [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=" ".join(key))
+        b.plot(xs, [p[3] for p in pts], marker="o", label=" ".join(key))
+    for ax, title in ((a, "test top-1 (%)"), (b, "calibration - test top-1 (points)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("calibration images")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    b.axhline(GAP, color="grey", ls="--", lw=1)
+    a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folders", nargs="+", type=Path, help="bench/grid.py --out folders")
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args()
+    rows = verdicts(load_runs(a.folders))
+    if not rows:
+        sys.exit("no finished runs in " + ", ".join(map(str, a.folders)))
+    command = "python bench/overfit.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "overfit.json").write_text(json.dumps({"command": command, "rows": public}, indent=2) + "\n")
+    cols = list(public[0])
+    legend = (f"test_top1 / calib_top1: top-1 (%) on the 10k test split / on the calibration images, mean ± std over "
+              f"seeds; gap: calib - test; vs_1024: test top-1 minus the same cell at {FULL} images; overfits: "
+              f"vs_1024 <= -{DROP} and mean gap >= {GAP}.")
+    lines = [f"Command: `{command}`", "", legend, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in public]
+    (a.out / "overfit.md").write_text("\n".join(lines) + "\n")
+    plot(rows, a.out / "overfit.png")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
