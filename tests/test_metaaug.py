@@ -67,6 +67,22 @@ def test_bad_metaaug_options_are_named():
     with pytest.raises(ConfigError, match="unknown MetaAug loss term"):
         MetaAugConfig(terms="kl+typo")
     assert MetaAugConfig(terms="kl+pkt").terms == ("kl", "pkt")  # the ablation's variant syntax
+    with pytest.raises(ConfigError, match="val_views"):
+        MetaAugConfig(val_views=-1)
+
+
+def test_validation_views_are_seeded_shifted_copies_and_off_by_default():
+    images = torch.randn(6, 1, 12, 12)
+    q = prepare(TinyNet(), QuantSpec(2, 2))
+    plain = MetaAugReconstructor(q, MetaAugConfig(), seed=0)
+    val, name = plain.validation_images(images, torch.Generator().manual_seed(0))
+    assert name == "calib" and val is images
+    eng = MetaAugReconstructor(q, MetaAugConfig(val_views=4), seed=0)
+    a, name = eng.validation_images(images, torch.Generator().manual_seed(0))
+    b, _ = eng.validation_images(images, torch.Generator().manual_seed(0))
+    assert name == "calib-views-4" and a.shape == (24, 1, 12, 12) and torch.equal(a, b)
+    changed = [not torch.equal(v, images[i % 6]) for i, v in enumerate(a)]
+    assert sum(changed) > 12  # most views are shifted or flipped (a zero shift without a flip is the image itself)
 
 
 def run_metaaug(out, seed=0, meta_iters=3):

@@ -15,23 +15,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from metaaug.data import load_dataset
+from metaaug.data.augment import augment
 from metaaug.data.datasets import ImageDataset
 from metaaug.errors import ConfigError, DataError
 from metaaug.evaluate import top1
 from metaaug.models.registry import BUNDLED
-
-
-def augment(x: torch.Tensor, pad: int = 2) -> torch.Tensor:
-    """Random shift by up to `pad` pixels (zero-padded crop) and horizontal flip, per image."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), value=float(x.min()))
-    dx, dy = torch.randint(0, 2 * pad + 1, (2, n))
-    rows = (dy[:, None] + torch.arange(h)[None]).clamp_max(h + 2 * pad - 1)
-    cols = (dx[:, None] + torch.arange(w)[None])
-    out = padded[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    flip = torch.rand(n) < 0.5
-    out[flip] = out[flip].flip(-1)
-    return out.contiguous()
 
 
 def only_classes(ds: ImageDataset, classes: tuple[int, ...] | None) -> ImageDataset:

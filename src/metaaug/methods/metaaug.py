@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from metaaug.data.augment import augment
 from metaaug.errors import ConfigError
 from metaaug.methods.configs import QDropConfig
 from metaaug.methods.meta_losses import distill_kl, margin, mixup_pair, pkt
@@ -42,6 +43,8 @@ class MetaAugConfig(QDropConfig):
     lr 5e-6 leaves it the identity; and with the paper's weights PKT's gradient is ~100x the validation term's,
     so `balance='cap'` limits each auxiliary term's (margin, PKT) gradient norm on T to `aux_cap` times the
     validation term's, keeping the validation signal in charge without amplifying a vanishing term.
+    `val_views` > 0 (not in the paper) validates T on random shift/flip views of the validation images, for
+    calibration sets so small that reconstruction fits them exactly (docs/metaaug.md, scarce-data regime).
     """
 
     name: ClassVar[str] = "metaaug"
@@ -61,6 +64,7 @@ class MetaAugConfig(QDropConfig):
     aux_cap: float = 0.5
     t_width: int = 16
     use_transformed: bool = True
+    val_views: int = 0
     log_every: int = 10
     terms: tuple[str, ...] = field(default=("kl", "margin", "pkt"))
 
@@ -72,6 +76,8 @@ class MetaAugConfig(QDropConfig):
             raise ConfigError(f"balance must be one of {BALANCES}, got {self.balance!r}")
         if self.meta_iters < 0:
             raise ConfigError(f"meta_iters must be >= 0, got {self.meta_iters}")
+        if self.val_views < 0:
+            raise ConfigError(f"val_views must be >= 0, got {self.val_views}")
         if isinstance(self.terms, str):  # "kl+pkt" from the CLI or a benchmark variant
             self.terms = tuple(filter(None, self.terms.split("+")))
         bad = set(self.terms) - {"kl", "margin", "pkt", "mse"}
@@ -112,8 +118,7 @@ class MetaAugReconstructor(Reconstructor):
         self.tnet = TransformNet(images.shape[1], cfg.t_width).to(self.device)
         self.t_opt = torch.optim.Adam(self.tnet.parameters(), lr=cfg.lr_t)
         self.gen = gen
-        self.val_images = self.holdout_images if self.holdout_images is not None else images
-        self.validation = "holdout" if self.holdout_images is not None else "calib"
+        self.val_images, self.validation = self.validation_images(images, gen)
         with fp_mode(qm), torch.no_grad():
             self.val_fp_logits = map_chunks(qm, (self.val_images,), 256, self.device, self.device)
         self.val_stepper = GraphStepper(qm, self.val_images, self.device, cfg.cache_device)
@@ -124,6 +129,17 @@ class MetaAugReconstructor(Reconstructor):
         n = len(qm.unit_names)
         self.meta_units = list(range(1, n - 1))  # first conv and last linear skip the meta phase
         self.snapshots: list[tuple[str, torch.Tensor]] = [("x", images[:8].clone())]
+
+    def validation_images(self, images: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, str]:
+        """The images T is validated on, and their name: the held-out split if the job has one, else the calibration
+        set; with `val_views`, that many random shift/flip views of each instead of the images themselves. At 1-3
+        images per class reconstruction fits the calibration images exactly (top-1 100%), so their own KL says
+        nothing about generalisation, while views never seen by reconstruction do."""
+        base, name = (self.holdout_images, "holdout") if self.holdout_images is not None else (images, "calib")
+        if not self.cfg.val_views:
+            return base, name
+        views = torch.cat([augment(base, generator=gen) for _ in range(self.cfg.val_views)])
+        return views, f"{name}-views-{self.cfg.val_views}"
 
     def end(self) -> None:
         """Drop the hook and the validation caches."""

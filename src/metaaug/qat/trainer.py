@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from metaaug.data.augment import augment
 from metaaug.data.datasets import ImageDataset
 from metaaug.evaluate import accuracy, logits_of
 from metaaug.progress import PhaseProgress, QuietPhases
 from metaaug.qat.config import QATConfig
 from metaaug.qat.switchable import QATModel, Width, width_name
-from metaaug.train import augment
 
 CHECKPOINT = "qat_progress.pt"
 
