@@ -20,6 +20,7 @@ from pathlib import Path
 from tables import mean_std
 
 FULL = 1024
+BASELINE = "qdrop"
 DROP, GAP = 1.0, 3.0
 
 
@@ -39,13 +40,16 @@ def verdicts(runs: list[dict]) -> list[dict]:
     for (model, variant, setting, n), reps in sorted(cells.items()):
         test = [r["quant_top1"] for r in reps]
         gap = [r["calib_top1"] - r["quant_top1"] for r in reps]
-        full = cells.get((model, variant, setting, FULL))
+        full = cells.get((model, variant, setting, FULL)) or cells.get((model, BASELINE, setting, FULL))
         drop = statistics.mean(test) - statistics.mean(r["quant_top1"] for r in full) if full else None
         overfits = drop is not None and n != FULL and drop <= -DROP and statistics.mean(gap) >= GAP
+        base = cells.get((model, BASELINE, setting, n)) if variant != BASELINE else None
+        vs_base = statistics.mean(test) - statistics.mean(r["quant_top1"] for r in base) if base else None
         rows.append({"model": model, "variant": variant, "setting": setting, "calib_size": n, "seeds": len(reps),
                      "test_top1": mean_std(test), "calib_top1": mean_std([r["calib_top1"] for r in reps]),
                      "gap": mean_std(gap), "vs_1024": "-" if drop is None or n == FULL else f"{drop:+.2f}",
                      "overfits": "yes" if overfits else "no",
+                     "vs_qdrop": "-" if vs_base is None else f"{vs_base:+.2f}",
                      "_test": statistics.mean(test), "_std": statistics.stdev(test) if len(test) > 1 else 0.0,
                      "_gap": statistics.mean(gap)})
     return rows
@@ -90,8 +94,9 @@ def main() -> None:
     (a.out / "overfit.json").write_text(json.dumps({"command": command, "rows": public}, indent=2) + "\n")
     cols = list(public[0])
     legend = (f"test_top1 / calib_top1: top-1 (%) on the 10k test split / on the calibration images, mean ± std over "
-              f"seeds; gap: calib - test; vs_1024: test top-1 minus the same cell at {FULL} images; overfits: "
-              f"vs_1024 <= -{DROP} and mean gap >= {GAP}.")
+              f"seeds; gap: calib - test; vs_1024: test top-1 minus the same variant at {FULL} images (QDrop's where the "
+              f"variant has no {FULL}-image run); overfits: vs_1024 <= -{DROP} and mean gap >= {GAP}; vs_qdrop: test "
+              f"top-1 minus QDrop's at the same calibration size.")
     lines = [f"Command: `{command}`", "", legend, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in public]
     (a.out / "overfit.md").write_text("\n".join(lines) + "\n")
