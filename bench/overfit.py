@@ -1,11 +1,11 @@
 """Does reconstruction overfit a scarce calibration set? A verdict table and plot over a grid's runs.
 
 Reads the runs of `bench/grid.py` result folders (e.g. QDrop at 10, 20, 30, 64 and 1024 calibration images) and
-writes `<out>/overfit.md`, `<out>/overfit.json` and `<out>/overfit.png`. A cell counts as overfitting where test
+writes `<out>/results.md`, `<out>/results.json` and `<out>/overfit.png`. A cell counts as overfitting where test
 top-1 is at least 1 point below the same method at 1024 images (mean over seeds) and the calibration-minus-test
 gap is at least 3 points (issue #13's definition).
 
-    python bench/overfit.py --out bench/overfit bench/overfit
+    python bench/overfit.py --out bench/overfit bench/overfit/resnet20_qdrop_w2a2 bench/overfit/resnet20_metaaug_w2a2
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from tables import mean_std
+from tables import mean_std, write_results
 
 FULL = 1024
 BASELINE = "qdrop"
@@ -91,17 +91,13 @@ def main() -> None:
     command = "python bench/overfit.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "overfit.json").write_text(json.dumps({"command": command, "rows": public}, indent=2) + "\n")
-    cols = list(public[0])
     legend = (f"test_top1 / calib_top1: top-1 (%) on the 10k test split / on the calibration images, mean ± std over "
               f"seeds; gap: calib - test; vs_1024: test top-1 minus the same variant at {FULL} images (QDrop's where the "
               f"variant has no {FULL}-image run); overfits: vs_1024 <= -{DROP} and mean gap >= {GAP}; vs_qdrop: test "
               f"top-1 minus QDrop's at the same calibration size.")
-    lines = [f"Command: `{command}`", "", legend, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in public]
-    (a.out / "overfit.md").write_text("\n".join(lines) + "\n")
+    write_results(a.out, command, public, {}, legend)
     plot(rows, a.out / "overfit.png")
-    print("\n".join(lines))
+    print((a.out / "results.md").read_text())
 
 
 if __name__ == "__main__":
