@@ -7,7 +7,8 @@ table is rebuilt from all finished reports: `<out>/results.json` and `<out>/resu
         --settings W4A4,W2A4,W2A2 --calib-sizes 1024 --seeds 0,1,2 --iters 2000
 
 Variants: `--variant NAME=METHOD[:key=value,...]` (repeatable) runs METHOD with options under NAME, e.g.
-`--variant paper=metaaug:inner_optimizer=adam_fresh,balance=none`. `--ray` runs the grid on a ray cluster.
+`--variant paper=metaaug:inner_optimizer=adam_fresh,balance=none`
+(`holdout` and `fold_bn` set the run, not the method). `--ray` runs the grid on a ray cluster.
 """
 
 from __future__ import annotations
@@ -28,17 +29,22 @@ from metaaug.store import RunStore
 from tables import mean_std, strip_run, write_results
 
 
-def parse_variant(text: str) -> tuple[str, str, dict]:
-    name, _, rest = text.partition("=")
-    method, _, opts = rest.partition(":")
+def parse_options(text: str) -> dict:
+    """`key=value,...` method options (values JSON where they parse, else strings), as `--set` and variants give them."""
     options = {}
-    for item in filter(None, opts.split(",")):
+    for item in filter(None, text.split(",")):
         key, _, raw = item.partition("=")
         try:
             options[key] = json.loads(raw)
         except json.JSONDecodeError:
             options[key] = raw
-    return name, method, options
+    return options
+
+
+def parse_variant(text: str) -> tuple[str, str, dict]:
+    name, _, rest = text.partition("=")
+    method, _, opts = rest.partition(":")
+    return name, method, parse_options(opts)
 
 
 def jobs(a: argparse.Namespace) -> list[tuple[str, RunConfig]]:
@@ -52,8 +58,9 @@ def jobs(a: argparse.Namespace) -> list[tuple[str, RunConfig]]:
                     for seed in map(int, a.seeds.split(",")):
                         opts = dict(options)
                         holdout = float(opts.pop("holdout", a.holdout))
+                        fold_bn = bool(opts.pop("fold_bn", True))
                         cfg = RunConfig(model=model, method=method, wbits=int(w), abits=int(act), calib_size=calib,
-                                        iters=a.iters, seed=seed, holdout=holdout, options=opts)
+                                        iters=a.iters, seed=seed, holdout=holdout, fold_bn=fold_bn, options=opts)
                         out.append((f"{model}-{name}-w{w}a{act}-n{calib}-s{seed}", cfg))
     return out
 

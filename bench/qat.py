@@ -33,16 +33,27 @@ ARMS = {
     "joint": {"method": "joint"},
     "dedicated": {"method": "dedicated"},
 }
+ABLATIONS = ("mebqat-shared", "mebqat-maml")
 
 
-def ptq_reference(model: str) -> dict[str, str]:
-    """QDrop (2000 iterations, 1024 images) per setting from the committed baseline grid, where it has the setting."""
-    path = Path(__file__).parent / "baselines" / "results.json"
-    if not path.exists():
-        return {}
-    rows = json.loads(path.read_text())["summary"]
-    return {f"w{r['setting'][1]}a{r['setting'][3]}": r["quant_top1"] for r in rows
-            if r["model"] == model and r["variant"] == "qdrop"}
+PTQ = (("QDrop, paper recipe", "baselines*", "qdrop"),
+       ("QDrop, learned weight steps (default)", "recipe/*_i2000", "wsconst"))
+
+
+def ptq_reference(model: str) -> list[dict]:
+    """QDrop at 2000 iterations and 1024 images, per recipe and setting, from the committed grid folders."""
+    rows = []
+    for label, folders, variant in PTQ:
+        cells = {}
+        for path in sorted(Path(__file__).parent.glob(f"{folders}/results.json")):
+            for r in json.loads(path.read_text())["summary"]:
+                if r["model"] == model and r["variant"] == variant and r["calib_size"] == 1024:
+                    cells[f"w{r['setting'][1]}a{r['setting'][3]}"] = (r["quant_top1"], r["seeds"])
+        if cells:
+            rows.append({"arm": f"PTQ: {label}, 2000 iters, 1024 images (bench/{folders})",
+                         "seeds": "/".join(sorted({str(n) for _, n in cells.values()})),
+                         **{k: v for k, (v, _) in cells.items()}})
+    return rows
 
 
 def main() -> None:
@@ -52,6 +63,8 @@ def main() -> None:
     p.add_argument("--bits", default="2,3,4,8")
     p.add_argument("--steps", type=int, default=300, help="MEBQAT optimiser steps; the others get equal compute")
     p.add_argument("--seeds", default="0")
+    p.add_argument("--ablation-seeds", default="0",
+                   help=f"seeds for the ablation arms ({', '.join(ABLATIONS)}); the compared arms use --seeds")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--quant-lr", type=float, default=None)
@@ -68,7 +81,7 @@ def main() -> None:
     for arm in a.arms.split(","):
         per_seed: dict[str, list[float]] = {}
         seconds = []
-        for seed in (int(s) for s in a.seeds.split(",")):
+        for seed in (int(s) for s in (a.ablation_seeds if arm in ABLATIONS else a.seeds).split(",")):
             if arm == "dedicated":
                 cfgs = [replace(base, method="dedicated", bits=(b,), steps=passes // len(bits)) for b in bits]
             else:
@@ -95,16 +108,15 @@ def main() -> None:
         row.update({n: mean_std(per_seed[n]) if n in per_seed else "-" for n in [*names, *unseen]})
         row["train_s"] = round(sum(seconds) / len(seconds))
         rows.append(row)
-    ref = ptq_reference(a.model)
-    if ref:
-        rows.append({"arm": "PTQ: QDrop 2000 iters (bench/baselines)", "seeds": 3,
-                     **{n: ref.get(n, "-") for n in [*names, *unseen]}, "train_s": "-"})
+    for ref in ptq_reference(a.model):
+        rows.append({"arm": ref["arm"], "seeds": ref["seeds"], **{n: ref.get(n, "-") for n in [*names, *unseen]},
+                     "train_s": "-"})
     legend = (f"{a.model} on Fashion-MNIST, test top-1 (%) on the 10k test split per width (W=A; first and last layers "
               f"8-bit), BatchNorm statistics re-estimated per width on 1024 train images. MEBQAT: {a.steps} steps of "
               f"batch {base.batch}, FP + {base.tasks} sampled widths per step (lowest and highest forced); every arm gets "
               f"{passes} forward+backward passes of the batch in all (dedicated: summed over its {len(bits)} models). "
               "w5a5/w6a6 were never trained (quantizers interpolated between neighbours). train_s: training wall time "
-              "(2 CPU cores, shared).")
+              "(2-core machine; seed 0 on 2 threads, later seeds on 1 thread beside another job).")
     write_results(a.out, command, rows, {"runs": reports}, legend)
     print((a.out / "results.md").read_text())
 

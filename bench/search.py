@@ -25,7 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from grid import run_one
+from grid import parse_options, run_one
 from metaaug.models.registry import build_model
 from metaaug.pipeline import RunConfig
 from metaaug.quant import QuantSpec, prepare
@@ -64,6 +64,7 @@ def main() -> None:
     p.add_argument("--abits", type=int, default=4)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--iters", type=int, default=2000)
+    p.add_argument("--set", default="", help="finishing QDrop options key=value,... (e.g. lr_weight_scale=0: the paper's QDrop)")
     p.add_argument("--meta-steps", type=int, default=1000)
     p.add_argument("--generations", type=int, default=20)
     p.add_argument("--population", type=int, default=50)
@@ -110,7 +111,8 @@ def main() -> None:
             reps = []
             for seed in seeds:
                 run = f"{model}-{name.replace(' ', '-')}-{kind}{limit}-s{seed}"
-                cfg = RunConfig(model=model, method="qdrop", calib_size=1024, iters=a.iters, seed=seed, policy=policy_of(genome))
+                cfg = RunConfig(model=model, method="qdrop", calib_size=1024, iters=a.iters, seed=seed, policy=policy_of(genome),
+                                options=parse_options(a.set))
                 reps.append(run_one(str(a.out / "runs" / run), cfg))
                 payload["finished"][run] = {k: reps[-1][k] for k in ("quant_top1", "calib_top1", "fp_top1", "seconds")}
                 print(f"  {run}: {reps[-1]['quant_top1']}", flush=True)
@@ -126,7 +128,8 @@ def main() -> None:
             finals, fit_mq, fit_rt = [], [], []
             for i, c in enumerate(mq["candidates"]):
                 run = f"{model}-tau-{i}-{kind}{limit}-s{seeds[0]}"
-                cfg = RunConfig(model=model, method="qdrop", calib_size=1024, iters=a.iters, seed=seeds[0], policy=policy_of(c["genome"]))
+                cfg = RunConfig(model=model, method="qdrop", calib_size=1024, iters=a.iters, seed=seeds[0],
+                                policy=policy_of(c["genome"]), options=parse_options(a.set))
                 finals.append(run_one(str(a.out / "runs" / run), cfg)["quant_top1"])
                 fit_mq.append(c["fitness"])
                 fit_rt.append(by_genome[tuple(c["genome"])]["fitness"])

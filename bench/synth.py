@@ -29,6 +29,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from grid import parse_options
 from metaaug.api import resolve_device
 from metaaug.data import load_dataset
 from metaaug.models.registry import build_model
@@ -81,7 +82,8 @@ def jobs(a: argparse.Namespace) -> list[tuple[str, RunConfig]]:
                     calib_source = "mixed" if mixed else "synthetic" if kind else "real"
                     n = a.mixed_real if mixed or source == "fewreal" else a.calib_size
                     cfg = RunConfig(model=model, method=a.method, wbits=int(w), abits=int(act), calib_size=n, iters=a.iters,
-                                    seed=seed, calib_source=calib_source, synth=synth, mixed_synth=mixed_size(source))
+                                    seed=seed, calib_source=calib_source, synth=synth, mixed_synth=mixed_size(source),
+                                    options=parse_options(a.set))
                     out.append((f"{model}-{source}-w{w}a{act}-s{seed}", cfg))
     return out
 
@@ -115,6 +117,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--models", default="resnet20,mobilenetv2")
     p.add_argument("--method", default="qdrop")
+    p.add_argument("--set", default="", help="method options key=value,... (e.g. lr_weight_scale=0: the paper's QDrop)")
     p.add_argument("--settings", default="W4A4,W2A4")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--sources", default=",".join(SOURCES), help=f"comma-separated, from {', '.join(SOURCES)}, mixedN")

@@ -113,7 +113,7 @@ def run_job(cfg: RunConfig, out: str | Path, device: str = "auto", progress: Pro
     report: dict[str, Any] = {
         "model": cfg.model, "method": cfg.method, "wbits": cfg.wbits, "abits": cfg.abits,
         "calib_size": cfg.calib_size if cfg.calib_size is not None else len(calib) + (0 if holdout is None else len(holdout)),
-        "iters": getattr(mcfg, "iters", None), "seed": cfg.seed,
+        "iters": getattr(mcfg, "iters", None), "seed": cfg.seed, "method_config": config_dict(mcfg),
         "calib_source": cfg.calib_source, "synth": cfg.synth, "mixed_synth": cfg.mixed_synth,
         "calib_images": len(calib) + (0 if holdout is None else len(holdout)),
         "fp_top1": round(fp_top1, 2),

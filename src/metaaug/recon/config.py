@@ -7,10 +7,16 @@ from typing import ClassVar
 
 from metaaug.errors import ConfigError
 
+SCHEDULES = ("constant", "cosine")
+
 
 @dataclass
 class ReconConfig:
-    """Knobs shared by every reconstruction method (BRECQ's loop: Adam, batch 32, 20k iterations per unit)."""
+    """Knobs shared by every reconstruction method (BRECQ's loop: Adam, batch 32, 20k iterations per unit).
+
+    `scale_schedule="cosine"` anneals the activation- and weight-step learning rates to 0 over the unit's iterations,
+    as QDrop's and Genie's released code do; the rounding logits keep a constant rate in either case.
+    """
 
     name: ClassVar[str] = "recon"
     iters: int = 20000
@@ -19,6 +25,7 @@ class ReconConfig:
     lr_round: float = 1e-3
     lr_act: float = 4e-5
     lr_weight_scale: float = 0.0
+    scale_schedule: str = "constant"
     round_weight: float | None = None
     warmup: float = 0.2
     beta_start: float = 20.0
@@ -35,6 +42,8 @@ class ReconConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 < self.quant_prob <= 1.0:
             raise ConfigError(f"quant_prob must be in (0, 1], got {self.quant_prob}")
+        if self.scale_schedule not in SCHEDULES:
+            raise ConfigError(f"scale_schedule must be one of {', '.join(SCHEDULES)}, got {self.scale_schedule!r}")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"warmup must be in [0, 1), got {self.warmup}")
 

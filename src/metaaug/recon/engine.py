@@ -7,6 +7,7 @@ Every method is this loop with different settings; MetaAug subclasses it to add 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -115,6 +116,16 @@ class NullProgress:
 
     def unit_end(self, index: int, stats: UnitStats) -> None:
         pass
+
+
+def scale_scheduler(opt: torch.optim.Optimizer, cfg: ReconConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-group learning-rate factors: the rounding logits constant, the steps cosine-annealed when configured."""
+    def cosine(it: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(it, cfg.iters) / max(cfg.iters, 1)))
+
+    anneal = cfg.scale_schedule == "cosine"
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, [cosine if anneal and g.get("name") != "round" else (lambda it: 1.0) for g in opt.param_groups])
 
 
 @contextlib.contextmanager
@@ -235,11 +246,14 @@ class Reconstructor:
         qm, cfg = self.qmodel, self.cfg
         groups = []
         if cfg.learn_rounding:
-            groups.append({"params": [layer.wq.alpha for layer in qm.quant_layers(unit)], "lr": cfg.lr_round})
+            groups.append({"params": [layer.wq.alpha for layer in qm.quant_layers(unit)], "lr": cfg.lr_round,
+                           "name": "round"})
         if cfg.learn_act_scale:
-            groups.append({"params": [aq.scale for aq in qm.act_quantizers(unit) if aq.enabled], "lr": cfg.lr_act})
+            groups.append({"params": [aq.scale for aq in qm.act_quantizers(unit) if aq.enabled], "lr": cfg.lr_act,
+                           "name": "act_scale"})
         if cfg.lr_weight_scale > 0:
-            groups.append({"params": [layer.wq.scale for layer in qm.quant_layers(unit)], "lr": cfg.lr_weight_scale})
+            groups.append({"params": [layer.wq.scale for layer in qm.quant_layers(unit)], "lr": cfg.lr_weight_scale,
+                           "name": "weight_scale"})
         groups = [g for g in groups if g["params"]]
         for g in groups:
             for p in g["params"]:
@@ -252,6 +266,7 @@ class Reconstructor:
         if cfg.iters == 0 or not groups:
             return UnitStats(name, 0, 0.0, 0.0)
         opt = torch.optim.Adam(groups)
+        sched = scale_scheduler(opt, cfg)
         wqs = [layer.wq for layer in self.qmodel.quant_layers(unit)] if cfg.learn_rounding else []
         acts = list(self.qmodel.act_quantizers(unit))
         for aq in acts:
@@ -267,6 +282,7 @@ class Reconstructor:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             if it == 0:
                 first = float(rec.detach())
             if (it + 1) % 50 == 0 or it + 1 == cfg.iters:

@@ -1,0 +1,61 @@
+"""The reconstruction loop's learning-rate schedule (QDrop/Genie anneal the step sizes, never the rounding)."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+import metaaug
+from metaaug.errors import ConfigError
+from metaaug.methods.configs import QDropConfig, RTNConfig
+from metaaug.quant import QuantSpec
+from metaaug.recon.engine import scale_scheduler
+
+
+def _opt() -> torch.optim.Adam:
+    groups = [{"params": [torch.zeros(2, requires_grad=True)], "lr": 1e-3, "name": "round"},
+              {"params": [torch.zeros(1, requires_grad=True)], "lr": 4e-5, "name": "act_scale"},
+              {"params": [torch.zeros(3, requires_grad=True)], "lr": 1e-4, "name": "weight_scale"}]
+    return torch.optim.Adam(groups)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_cosine_anneals_the_steps_to_zero_and_keeps_rounding_constant(schedule):
+    cfg = QDropConfig(iters=10, scale_schedule=schedule)
+    opt = _opt()
+    sched = scale_scheduler(opt, cfg)
+    lrs = []
+    for _ in range(cfg.iters):
+        opt.step()
+        sched.step()
+        lrs.append([g["lr"] for g in opt.param_groups])
+    assert all(row[0] == 1e-3 for row in lrs)
+    if schedule == "constant":
+        assert lrs[-1][1:] == [4e-5, 1e-4]
+    else:
+        assert lrs[4][1] == pytest.approx(4e-5 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 5 / 10)).item()))
+        assert lrs[-1][1] == pytest.approx(0.0, abs=1e-12) and lrs[-1][2] == pytest.approx(0.0, abs=1e-12)
+        assert all(a[1] > b[1] for a, b in itertools.pairwise(lrs))
+
+
+def test_unknown_schedule_is_a_one_line_error():
+    with pytest.raises(ConfigError, match="scale_schedule must be one of constant, cosine"):
+        QDropConfig(scale_schedule="linear")
+
+
+def test_qdrop_learns_weight_steps_and_the_paper_recipe_keeps_them(tiny_net):
+    """The default QDrop moves the per-channel weight steps off their Lp-searched start; `paper()` leaves them."""
+    images = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    spec = QuantSpec(wbits=2, abits=4)
+
+    def steps(cfg) -> list[torch.Tensor]:
+        q = metaaug.quantize(copy.deepcopy(tiny_net), images, cfg, spec, device="cpu")
+        return [layer.wq.scale.detach().clone() for layer in q.quant_layers()]
+
+    start = steps(RTNConfig())
+    assert QDropConfig().lr_weight_scale > 0 and QDropConfig.paper().lr_weight_scale == 0
+    for a, b in zip(start, steps(QDropConfig.paper(iters=20, batch_size=16)), strict=True):
+        assert torch.equal(a, b)
+    moved = [not torch.equal(a, b) for a, b in zip(start, steps(QDropConfig(iters=20, batch_size=16)), strict=True)]
+    assert all(moved)
