@@ -28,6 +28,8 @@ from metaaug.pipeline import RunConfig, run_job
 from metaaug.store import RunStore
 from tables import mean_std, strip_run, write_results
 
+SET_HELP = "method options key=value,... (e.g. lr_weight_scale=0: the paper's QDrop)"
+
 
 def parse_options(text: str) -> dict:
     """`key=value,...` method options (values JSON where they parse, else strings), as `--set` and variants give them."""

@@ -1,9 +1,9 @@
-"""Reconstruction-recipe ablation: every variant against plain QDrop at the same model, setting, images and iterations.
+"""Reconstruction-recipe ablation: every variant against QDrop's paper recipe at the same model, setting, images, iterations.
 
 Reads `bench/grid.py` result folders (their runs and the `--variant` definitions in their commands) and writes
 `<out>/results.md` and `<out>/results.json`: one row per (model, setting, calibration size, iterations, variant)
-with the variant's options, test top-1 (mean ± std over seeds), the train-test gap, and the difference to QDrop's
-mean in the same cell; `beyond_2std` says whether that difference exceeds twice the larger of the two stds.
+with the variant's options, test top-1 (mean ± std over seeds), the train-test gap, and the difference to the mean of QDrop's
+paper recipe (the variant named qdrop) in the same cell; `beyond_2std` says whether that difference exceeds twice the larger of the two stds.
 
     python bench/recipe.py --out bench/recipe bench/baselines bench/recipe/resnet20_w2a2_i500 ...
 """

@@ -25,7 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from grid import parse_options, run_one
+from grid import SET_HELP, parse_options, run_one
 from metaaug.models.registry import build_model
 from metaaug.pipeline import RunConfig
 from metaaug.quant import QuantSpec, prepare
@@ -64,7 +64,7 @@ def main() -> None:
     p.add_argument("--abits", type=int, default=4)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--iters", type=int, default=2000)
-    p.add_argument("--set", default="", help="finishing QDrop options key=value,... (e.g. lr_weight_scale=0: the paper's QDrop)")
+    p.add_argument("--set", default="", help=SET_HELP)
     p.add_argument("--meta-steps", type=int, default=1000)
     p.add_argument("--generations", type=int, default=20)
     p.add_argument("--population", type=int, default=50)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from grid import parse_options
+from grid import SET_HELP, parse_options
 from metaaug.api import resolve_device
 from metaaug.data import load_dataset
 from metaaug.models.registry import build_model
@@ -117,7 +117,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--models", default="resnet20,mobilenetv2")
     p.add_argument("--method", default="qdrop")
-    p.add_argument("--set", default="", help="method options key=value,... (e.g. lr_weight_scale=0: the paper's QDrop)")
+    p.add_argument("--set", default="", help=SET_HELP)
     p.add_argument("--settings", default="W4A4,W2A4")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--sources", default=",".join(SOURCES), help=f"comma-separated, from {', '.join(SOURCES)}, mixedN")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from grid import parse_options, run_one
+from grid import SET_HELP, parse_options, run_one
 from metaaug.pipeline import RunConfig, build_quant_model
 from tables import strip_run, write_results
 
@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--settings", default="W2A4,W4A4")
     p.add_argument("--seeds", default="0")
     p.add_argument("--iters", type=int, default=2000)
-    p.add_argument("--set", default="", help="method options key=value,... (e.g. lr_weight_scale=0: the paper's QDrop)")
+    p.add_argument("--set", default="", help=SET_HELP)
     a = p.parse_args()
     command = "python bench/units.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     (a.out / "runs").mkdir(parents=True, exist_ok=True)
