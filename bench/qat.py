@@ -69,6 +69,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--quant-lr", type=float, default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads-note", default="seed 0 on 2 threads, later seeds on 1 thread beside another job",
+                   help="how the runs shared the machine, for the table's legend (train_s depends on it)")
     a = p.parse_args()
     command = "python bench/qat.py " + shlex.join(sys.argv[1:])
     bits = tuple(int(b) for b in a.bits.split(","))
@@ -116,7 +118,7 @@ def main() -> None:
               f"batch {base.batch}, FP + {base.tasks} sampled widths per step (lowest and highest forced); every arm gets "
               f"{passes} forward+backward passes of the batch in all (dedicated: summed over its {len(bits)} models). "
               "w5a5/w6a6 were never trained (quantizers interpolated between neighbours). train_s: training wall time "
-              "(2-core machine; seed 0 on 2 threads, later seeds on 1 thread beside another job).")
+              f"(2-core machine; {a.threads_note}).")
     write_results(a.out, command, rows, {"runs": reports}, legend)
     print((a.out / "results.md").read_text())
 
