@@ -8,7 +8,7 @@ table is rebuilt from all finished reports: `<out>/results.json` and `<out>/resu
 
 Variants: `--variant NAME=METHOD[:key=value,...]` (repeatable) runs METHOD with options under NAME, e.g.
 `--variant paper=metaaug:inner_optimizer=adam_fresh,balance=none`
-(`holdout` and `fold_bn` set the run, not the method). `--ray` runs the grid on a ray cluster.
+(`holdout`, `fold_bn`, `calib_source`, `synth` and `mixed_synth` set the run, not the method). `--ray` runs the grid on a ray cluster.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from metaaug.pipeline import RunConfig, run_job
 from metaaug.store import RunStore
 from tables import mean_std, strip_run, write_results
 
+RUN_KEYS = ("holdout", "fold_bn", "calib_source", "synth", "mixed_synth")  # variant options that set the run
 SET_HELP = "method options key=value,... (e.g. lr_weight_scale=0: the paper's QDrop)"
 
 
@@ -59,10 +60,9 @@ def jobs(a: argparse.Namespace) -> list[tuple[str, RunConfig]]:
                 for calib in map(int, a.calib_sizes.split(",")):
                     for seed in map(int, a.seeds.split(",")):
                         opts = dict(options)
-                        holdout = float(opts.pop("holdout", a.holdout))
-                        fold_bn = bool(opts.pop("fold_bn", True))
+                        run = {"holdout": a.holdout, **{k: opts.pop(k) for k in RUN_KEYS if k in opts}}
                         cfg = RunConfig(model=model, method=method, wbits=int(w), abits=int(act), calib_size=calib,
-                                        iters=a.iters, seed=seed, holdout=holdout, fold_bn=fold_bn, options=opts)
+                                        iters=a.iters, seed=seed, options=opts, **run)
                         out.append((f"{model}-{name}-w{w}a{act}-n{calib}-s{seed}", cfg))
     return out
 

@@ -24,11 +24,20 @@ BASELINE = "qdrop"
 DROP, GAP = 1.0, 3.0
 
 
-def load_runs(folders: list[Path]) -> list[dict]:
+def parse_folder(text: str) -> tuple[Path, dict[str, str]]:
+    """`FOLDER` (every variant) or `FOLDER:OLD=NEW,...` (only those variants, renamed; e.g. a recipe ablation's
+    `wsconst` runs, which are today's default QDrop, as `qdrop`)."""
+    folder, _, names = text.partition(":")
+    return Path(folder), dict(item.split("=", 1) for item in filter(None, names.split(",")))
+
+
+def load_runs(folders: list[str]) -> list[dict]:
     runs = []
-    for folder in folders:
+    for folder, names in map(parse_folder, folders):
         for key, rep in json.loads((folder / "results.json").read_text())["runs"].items():
-            runs.append({**rep, "variant": key.split("-")[1]})
+            variant = key.split("-")[1]
+            if not names or variant in names:
+                runs.append({**rep, "variant": names.get(variant, variant)})
     return runs
 
 
@@ -82,7 +91,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folders", nargs="+", type=Path, help="bench/grid.py --out folders")
+    p.add_argument("folders", nargs="+", help="bench/grid.py --out folders, each optionally FOLDER:OLD=NEW,... "
+                   "(only those variants, renamed)")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     rows = verdicts(load_runs(a.folders))

@@ -4,11 +4,12 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from conftest import TinyNet, randomize_bn
 from metaaug.cli.app import app
-from metaaug.errors import ConfigError
+from metaaug.errors import ConfigError, DataError
 from metaaug.methods.meta_losses import margin, pkt
 from metaaug.methods.metaaug import MetaAugConfig, MetaAugReconstructor
 from metaaug.methods.transform import TransformNet
@@ -83,6 +84,20 @@ def test_validation_views_are_seeded_shifted_copies_and_off_by_default():
     assert name == "calib-views-4" and a.shape == (24, 1, 12, 12) and torch.equal(a, b)
     changed = [not torch.equal(v, images[i % 6]) for i, v in enumerate(a)]
     assert sum(changed) > 12  # most views are shifted or flipped (a zero shift without a flip is the image itself)
+
+
+def test_validation_on_a_synthetic_folder_replaces_calib_and_holdout_and_checks_the_folder(tmp_path):
+    images = torch.randn(6, 1, 12, 12)
+    syn = torch.randn(5, 1, 12, 12)
+    save_file({"images": syn, "labels": torch.arange(5)}, str(tmp_path / "images.safetensors"))
+    q = prepare(TinyNet(), QuantSpec(2, 2))
+    eng = MetaAugReconstructor(q, MetaAugConfig(val_synth=str(tmp_path)), seed=0, holdout_images=images[:2])
+    val, name = eng.validation_images(images, torch.Generator().manual_seed(0))
+    assert name == "synthetic" and torch.equal(val, syn)
+    with pytest.raises(DataError, match="val_synth images are"):
+        eng.validation_images(torch.randn(6, 1, 10, 10), torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match="does not exist"):
+        MetaAugConfig(val_synth=str(tmp_path / "missing"))
 
 
 def run_metaaug(out, seed=0, meta_iters=3):

@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metaaug.data.augment import augment
-from metaaug.errors import ConfigError
+from metaaug.errors import ConfigError, DataError
 from metaaug.methods.configs import QDropConfig
 from metaaug.methods.meta_losses import distill_kl, margin, mixup_pair, pkt
 from metaaug.methods.registry import JobContext, MethodResult, register_method
@@ -28,6 +28,7 @@ from metaaug.quant.quantizers import ActQuantizer, WeightQuantizer, qdrop_mix
 from metaaug.recon.engine import Reconstructor, UnitData, fp_mode, loop_threads, threads
 from metaaug.recon.loss import output_error
 from metaaug.recon.stepper import GraphStepper, map_chunks
+from metaaug.synth.data import check_calib_source, load_synthetic
 
 INNER_OPTIMIZERS = ("sgd", "adam_fresh")
 BALANCES = ("cap", "none")
@@ -45,6 +46,9 @@ class MetaAugConfig(QDropConfig):
     validation term's, keeping the validation signal in charge without amplifying a vanishing term.
     `val_views` > 0 (not in the paper) validates T on random shift/flip views of the validation images, for
     calibration sets so small that reconstruction fits them exactly (docs/metaaug.md, scarce-data regime).
+    `val_synth` (not in the paper) names a `metaaug synth` folder whose synthetic images (generated from the FP
+    model's BatchNorm statistics, no extra real data when made with `--real-per-class 0`) T is validated on instead:
+    images reconstruction never fits, with information about the classes beyond the calibration set.
     """
 
     name: ClassVar[str] = "metaaug"
@@ -65,6 +69,7 @@ class MetaAugConfig(QDropConfig):
     t_width: int = 16
     use_transformed: bool = True
     val_views: int = 0
+    val_synth: str | None = None
     log_every: int = 10
     terms: tuple[str, ...] = field(default=("kl", "margin", "pkt"))
 
@@ -78,6 +83,8 @@ class MetaAugConfig(QDropConfig):
             raise ConfigError(f"meta_iters must be >= 0, got {self.meta_iters}")
         if self.val_views < 0:
             raise ConfigError(f"val_views must be >= 0, got {self.val_views}")
+        if self.val_synth is not None:
+            check_calib_source("synthetic", self.val_synth)
         if isinstance(self.terms, str):  # "kl+pkt" from the CLI or a benchmark variant
             self.terms = tuple(filter(None, self.terms.split("+")))
         bad = set(self.terms) - {"kl", "margin", "pkt", "mse"}
@@ -135,11 +142,24 @@ class MetaAugReconstructor(Reconstructor):
         set; with `val_views`, that many random shift/flip views of each instead of the images themselves. At 1-3
         images per class reconstruction fits the calibration images exactly (top-1 100%), so their own KL says
         nothing about generalisation, while views never seen by reconstruction do."""
-        base, name = (self.holdout_images, "holdout") if self.holdout_images is not None else (images, "calib")
+        if self.cfg.val_synth is not None:
+            base, name = self.synthetic_validation(images), "synthetic"
+        elif self.holdout_images is not None:
+            base, name = self.holdout_images, "holdout"
+        else:
+            base, name = images, "calib"
         if not self.cfg.val_views:
             return base, name
         views = torch.cat([augment(base, generator=gen) for _ in range(self.cfg.val_views)])
         return views, f"{name}-views-{self.cfg.val_views}"
+
+    def synthetic_validation(self, images: torch.Tensor) -> torch.Tensor:
+        """The `val_synth` folder's images, checked against the calibration images' shape."""
+        syn = load_synthetic(self.cfg.val_synth).images
+        if syn.shape[1:] != images.shape[1:]:
+            raise DataError(f"val_synth images are {tuple(syn.shape[1:])} but the calibration images are "
+                            f"{tuple(images.shape[1:])}")
+        return syn
 
     def end(self) -> None:
         """Drop the hook and the validation caches."""
