@@ -28,7 +28,7 @@ from metaaug.quant.quantizers import ActQuantizer, WeightQuantizer, qdrop_mix
 from metaaug.recon.engine import Reconstructor, UnitData, fp_mode, loop_threads, threads
 from metaaug.recon.loss import output_error
 from metaaug.recon.stepper import GraphStepper, map_chunks
-from metaaug.synth.data import check_calib_source, load_synthetic
+from metaaug.synth.data import check_synth_folder, load_synthetic
 
 INNER_OPTIMIZERS = ("sgd", "adam_fresh")
 BALANCES = ("cap", "none")
@@ -84,7 +84,7 @@ class MetaAugConfig(QDropConfig):
         if self.val_views < 0:
             raise ConfigError(f"val_views must be >= 0, got {self.val_views}")
         if self.val_synth is not None:
-            check_calib_source("synthetic", self.val_synth)
+            check_synth_folder(self.val_synth)
         if isinstance(self.terms, str):  # "kl+pkt" from the CLI or a benchmark variant
             self.terms = tuple(filter(None, self.terms.split("+")))
         bad = set(self.terms) - {"kl", "margin", "pkt", "mse"}

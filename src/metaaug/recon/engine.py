@@ -118,14 +118,17 @@ class NullProgress:
         pass
 
 
-def scale_scheduler(opt: torch.optim.Optimizer, cfg: ReconConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-group learning-rate factors: the rounding logits constant, the steps cosine-annealed when configured."""
+def scale_scheduler(opt: torch.optim.Optimizer, cfg: ReconConfig) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """With `scale_schedule="cosine"`, per-group factors: the steps cosine-annealed, the rounding logits constant.
+    None for the constant schedule, so the default loop pays nothing per step."""
+    if cfg.scale_schedule != "cosine":
+        return None
+
     def cosine(it: int) -> float:
         return 0.5 * (1.0 + math.cos(math.pi * min(it, cfg.iters) / max(cfg.iters, 1)))
 
-    anneal = cfg.scale_schedule == "cosine"
     return torch.optim.lr_scheduler.LambdaLR(
-        opt, [cosine if anneal and g.get("name") != "round" else (lambda it: 1.0) for g in opt.param_groups])
+        opt, [cosine if g.get("name") != "round" else (lambda it: 1.0) for g in opt.param_groups])
 
 
 @contextlib.contextmanager
@@ -282,7 +285,8 @@ class Reconstructor:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            if sched is not None:
+                sched.step()
             if it == 0:
                 first = float(rec.detach())
             if (it + 1) % 50 == 0 or it + 1 == cfg.iters:

@@ -32,6 +32,11 @@ def check_calib_source(source: str, synth: str | Path | None, mixed_synth: int |
         return
     if synth is None:
         raise ConfigError(f"--calib-source {source} needs --synth <folder written by `metaaug synth`>")
+    check_synth_folder(synth)
+
+
+def check_synth_folder(synth: str | Path) -> None:
+    """Reject a path that is not a folder written by `metaaug synth`, before any data is loaded."""
     folder = Path(synth)
     if not folder.is_dir():
         raise ConfigError(f"synth folder {folder} does not exist (write one with `metaaug synth --out {folder}`)")
