@@ -11,16 +11,16 @@ from conftest import TinyNet, randomize_bn
 from metaaug.cli.app import app
 from metaaug.errors import ConfigError, DataError
 from metaaug.methods.meta_losses import margin, pkt
-from metaaug.methods.metaaug import MetaAugConfig, MetaAugReconstructor
+from metaaug.methods.metaaug import MetaAugConfig, MetaAugReconstructor, spread_positions
 from metaaug.methods.transform import TransformNet
 from metaaug.quant import QuantSpec, prepare
 
 runner = CliRunner()
 
 
-def probe(model, images, inner, k=1):
+def probe(model, images, inner, k=1, **cfg):
     q = prepare(model, QuantSpec(2, 2))
-    eng = MetaAugReconstructor(q, MetaAugConfig(inner_optimizer=inner, meta_batch=16), seed=0)
+    eng = MetaAugReconstructor(q, MetaAugConfig(inner_optimizer=inner, meta_batch=16, **cfg), seed=0)
     return eng.gradient_probe(images, k)
 
 
@@ -70,6 +70,47 @@ def test_bad_metaaug_options_are_named():
     assert MetaAugConfig(terms="kl+pkt").terms == ("kl", "pkt")  # the ablation's variant syntax
     with pytest.raises(ConfigError, match="val_views"):
         MetaAugConfig(val_views=-1)
+    with pytest.raises(ConfigError, match="meta_schedule must be one of"):
+        MetaAugConfig(meta_schedule="after")
+    with pytest.raises(ConfigError, match="needs reconstruction steps"):
+        MetaAugConfig(meta_schedule="spread", iters=0)
+    with pytest.raises(ConfigError, match="inner_steps"):
+        MetaAugConfig(inner_steps=0)
+
+
+def test_a_lookahead_of_several_inner_steps_still_sends_validation_gradient_to_t():
+    torch.manual_seed(0)
+    model, x = randomize_bn(TinyNet()), torch.randn(64, 1, 28, 28)
+    one, three = probe(model, x, "sgd"), probe(model, x, "sgd", inner_steps=3)
+    assert three["kl"] > 0 and three["kl"] != one["kl"], (one, three)
+
+
+def test_spread_meta_steps_fall_through_reconstruction_and_rerender_the_transformed_images():
+    assert spread_positions(4, 20) == [0, 5, 10, 15]
+    assert spread_positions(30, 10) == list(range(10))  # at most one meta step per reconstruction step
+    assert spread_positions(0, 10) == [] and spread_positions(3, 0) == []
+
+    class Recording(MetaAugReconstructor):
+        def during(self, k, it, unit, data):
+            out = super().during(k, it, unit, data)
+            probs = {aq.quant_prob for aq in self.qmodel.act_quantizers(unit)}
+            self.seen.append((k, it, out.q_in[0][-6:].clone(), probs))
+            return out
+
+    torch.manual_seed(0)
+    q = prepare(randomize_bn(TinyNet()), QuantSpec(2, 2))
+    cfg = MetaAugConfig(iters=8, meta_iters=4, meta_schedule="spread", log_every=1, meta_batch=4, lr_t=1e-2)
+    eng = Recording(q, cfg, seed=0)
+    eng.seen = []
+    eng.run(torch.randn(6, 1, 28, 28))
+    assert [m["meta_iters"] for m in eng.meta_log] == [4, 4]  # both residual blocks; stem and head skip the meta phase
+    for name in ("block1", "block2"):
+        assert [c["step"] for c in eng.curves[name]] == [0, 2, 4, 6]
+    k = q.unit_names.index("block1")
+    rows = {it: t for kk, it, t, _ in eng.seen if kk == k}
+    assert not torch.equal(rows[1], rows[2]) and torch.equal(rows[2], rows[3])  # T(x) re-rendered after each meta step
+    assert all(p == {cfg.quant_prob} for kk, _, _, p in eng.seen if kk == k)  # QDrop's dropping restored after each
+    assert eng.spread is None and len(eng.snapshots) == 3
 
 
 def test_validation_views_are_seeded_shifted_copies_and_off_by_default():

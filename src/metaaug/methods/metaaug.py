@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -32,6 +34,7 @@ from metaaug.synth.data import check_synth_folder, load_synthetic
 
 INNER_OPTIMIZERS = ("sgd", "adam_fresh")
 BALANCES = ("cap", "none")
+SCHEDULES = ("before", "spread")
 
 
 @dataclass
@@ -49,6 +52,11 @@ class MetaAugConfig(QDropConfig):
     `val_synth` (not in the paper) names a `metaaug synth` folder whose synthetic images (generated from the FP
     model's BatchNorm statistics, no extra real data when made with `--real-per-class 0`) T is validated on instead:
     images reconstruction never fits, with information about the classes beyond the calibration set.
+    Two changes to the bi-level step itself (not in the paper; docs/metaaug.md, scarce-data regime):
+    `inner_steps` > 1 looks ahead through that many differentiable inner steps (each on its own batch of T(x))
+    instead of one; `meta_schedule="spread"` takes the unit's meta steps at even intervals through its
+    reconstruction instead of all before it, each from the rounding and steps reconstruction has reached so far,
+    and re-renders the transformed training images T(x) after each.
     """
 
     name: ClassVar[str] = "metaaug"
@@ -64,6 +72,8 @@ class MetaAugConfig(QDropConfig):
     clip: float = 0.1
     inner_optimizer: str = "sgd"
     inner_lookahead: float = 500.0
+    inner_steps: int = 1
+    meta_schedule: str = "before"
     balance: str = "cap"
     aux_cap: float = 0.5
     t_width: int = 16
@@ -79,6 +89,12 @@ class MetaAugConfig(QDropConfig):
             raise ConfigError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {self.inner_optimizer!r}")
         if self.balance not in BALANCES:
             raise ConfigError(f"balance must be one of {BALANCES}, got {self.balance!r}")
+        if self.meta_schedule not in SCHEDULES:
+            raise ConfigError(f"meta_schedule must be one of {SCHEDULES}, got {self.meta_schedule!r}")
+        if self.meta_schedule == "spread" and (self.iters == 0 or not self.use_transformed):
+            raise ConfigError("meta_schedule='spread' needs reconstruction steps (iters > 0) and use_transformed=True")
+        if self.inner_steps < 1:
+            raise ConfigError(f"inner_steps must be >= 1, got {self.inner_steps}")
         if self.meta_iters < 0:
             raise ConfigError(f"meta_iters must be >= 0, got {self.meta_iters}")
         if self.val_views < 0:
@@ -114,6 +130,7 @@ class MetaAugReconstructor(Reconstructor):
         self.holdout_images = holdout_images
         self.meta_log: list[dict] = []
         self.curves: dict[str, list[dict]] = {}
+        self.spread: SpreadPlan | None = None
 
     # ---- set-up ------------------------------------------------------------------------------------
     def begin(self, images: torch.Tensor) -> None:
@@ -222,16 +239,22 @@ class MetaAugReconstructor(Reconstructor):
     def meta_terms(self, k: int, unit: nn.Module, theta: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The outer-loss terms for one meta step, and the transformed batch T(x) they all depend on T through."""
         cfg: MetaAugConfig = self.cfg
-        n = self.calib.shape[0]
-        x = self.calib[torch.randint(n, (cfg.meta_batch,), generator=self.gen)].to(self.device)
+        n, b = self.calib.shape[0], cfg.meta_batch
+        x = self.calib[torch.randint(n, (b * cfg.inner_steps,), generator=self.gen)].to(self.device)
         tx = self.tnet(x)
         q_in, fp_in = self._prefix(k, tx)
         with fp_mode(self.qmodel):
             fp_out = unit(*fp_in)
         mixed = [qdrop_mix(q, f, cfg.quant_prob) if isinstance(q, torch.Tensor) else q for q, f in zip(q_in, fp_in, strict=True)]
-        # the meta phase precedes reconstruction, i.e. lies in the rounding regulariser's warm-up: no rounding term
-        train_loss = output_error(functional_call(unit, theta, tuple(mixed)), fp_out)
-        new_theta = self._inner_step(train_loss, theta)
+        # no rounding term: its gradient does not depend on T (and the default schedule takes every meta step in the
+        # rounding regulariser's warm-up)
+        new_theta = theta
+        for s in range(cfg.inner_steps):  # each inner step on its own slice of the batch
+            rows = slice(s * b, (s + 1) * b)
+            args = tuple(a[rows] if isinstance(a, torch.Tensor) else a for a in mixed)
+            train_loss = output_error(functional_call(unit, new_theta, args), _rows(fp_out, rows))
+            new_theta = self._inner_step(train_loss, new_theta)
+        tx_aux, x_aux = tx[:b], x[:b]
 
         terms: dict[str, torch.Tensor] = {}
         if "kl" in cfg.terms or "mse" in cfg.terms:
@@ -246,9 +269,9 @@ class MetaAugReconstructor(Reconstructor):
             if "mse" in cfg.terms:
                 terms["mse"] = ((logits - target) ** 2).mean()
         if "margin" in cfg.terms:
-            terms["margin"] = margin(tx, x, cfg.eps)
+            terms["margin"] = margin(tx_aux, x_aux, cfg.eps)
         if "pkt" in cfg.terms:
-            mt, mx = mixup_pair(tx, x, self.gen)
+            mt, mx = mixup_pair(tx_aux, x_aux, self.gen)
             with torch.no_grad():
                 fx = self._features(mx)
             terms["pkt"] = pkt(self._features(mt), fx)
@@ -322,22 +345,45 @@ class MetaAugReconstructor(Reconstructor):
             self.val_stepper.advance_to(k)
         if k in self.meta_units:
             steps = cfg.meta_iters_for(self.meta_units.index(k), len(self.meta_units))
-            theta = self._inner_params(unit)
-            curve: list[dict] = []
-            start = time.perf_counter()
-            with threads(loop_threads()):
-                for it in range(steps):
-                    log = self.meta_step(k, unit, theta)
-                    if it % cfg.log_every == 0 or it == steps - 1:
-                        curve.append({"step": it, **{n: round(v, 6) for n, v in log.items()}})
-            secs = time.perf_counter() - start
-            self.curves[self.qmodel.unit_names[k]] = curve
-            self.meta_log.append(self._summary(k, steps, secs, curve))
-            with torch.no_grad():
-                self.snapshots.append((self.qmodel.unit_names[k], self.tnet(self.calib[:8].to(self.device)).cpu()))
+            if cfg.meta_schedule == "spread":
+                self.spread = SpreadPlan(k, data, spread_positions(steps, cfg.iters))
+            else:
+                theta = self._inner_params(unit)
+                curve: list[dict] = []
+                start = time.perf_counter()
+                with threads(loop_threads()):
+                    for it in range(steps):
+                        curve_point(curve, it, self.meta_step(k, unit, theta), it % cfg.log_every == 0 or it == steps - 1)
+                self._finish_meta(k, steps, time.perf_counter() - start, curve)
         if not cfg.use_transformed:
             return None
         return self._transformed_data(k, unit)
+
+    def during(self, k: int, it: int, unit: nn.Module, data: UnitData) -> UnitData:
+        """With `meta_schedule='spread'`: at the planned steps, one meta step from the unit's current rounding and
+        steps, then the transformed half of the training data re-rendered with the updated T."""
+        plan = self.spread
+        if plan is None or plan.unit != k or it not in plan.at:
+            return data
+        start = time.perf_counter()
+        with full_quantization(self.qmodel, unit):  # the meta step sees the unit as the "before" schedule does
+            log = self.meta_step(k, unit, self._inner_params(unit))
+        i, last = len(plan.done), len(plan.at)
+        plan.done.append(it)
+        curve_point(plan.curve, it, log, i % self.cfg.log_every == 0 or i == last - 1)
+        data = plan.real.cat(self._transformed_data(k, unit))
+        plan.seconds += time.perf_counter() - start
+        if i == last - 1:
+            self._finish_meta(k, last, plan.seconds, plan.curve)
+            self.spread = None
+        return data
+
+    def _finish_meta(self, k: int, steps: int, secs: float, curve: list[dict]) -> None:
+        """Record unit k's meta curve, summary and a snapshot of T on the first calibration images."""
+        self.curves[self.qmodel.unit_names[k]] = curve
+        self.meta_log.append(self._summary(k, steps, secs, curve))
+        with torch.no_grad():
+            self.snapshots.append((self.qmodel.unit_names[k], self.tnet(self.calib[:8].to(self.device)).cpu()))
 
     @torch.no_grad()
     def _transformed_data(self, k: int, unit: nn.Module) -> UnitData:
@@ -365,6 +411,46 @@ class MetaAugReconstructor(Reconstructor):
         """Method-specific report fields: meta time, validation source, per-unit meta losses."""
         meta = sum(m["meta_seconds"] for m in self.meta_log)
         return {"meta_seconds": round(meta, 1), "validation": self.validation, "meta_units": self.meta_log}
+
+
+@dataclass
+class SpreadPlan:
+    """Where one unit's meta steps fall in its reconstruction, and what they have logged so far."""
+
+    unit: int
+    real: UnitData
+    at: list[int]
+    done: list[int] = field(default_factory=list)
+    curve: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def spread_positions(steps: int, iters: int) -> list[int]:
+    """`steps` reconstruction iterations at even intervals over `iters`, starting at the first (at most one each)."""
+    return sorted({(i * iters) // steps for i in range(steps)}) if steps and iters else []
+
+
+def curve_point(curve: list[dict], step: int, log: dict[str, float], keep: bool) -> None:
+    if keep:
+        curve.append({"step": step, **{n: round(v, 6) for n, v in log.items()}})
+
+
+def _rows(out: torch.Tensor | tuple, rows: slice) -> torch.Tensor | tuple:
+    return out[rows] if isinstance(out, torch.Tensor) else tuple(o[rows] for o in out)
+
+
+@contextmanager
+def full_quantization(qmodel: QuantModel, unit: nn.Module) -> Iterator[None]:
+    """Turn QDrop's random dropping of the unit's activation quantization off for a meta step, then restore it."""
+    acts = list(qmodel.act_quantizers(unit))
+    saved = [aq.quant_prob for aq in acts]
+    for aq in acts:
+        aq.quant_prob = 1.0
+    try:
+        yield
+    finally:
+        for aq, p in zip(acts, saved, strict=True):
+            aq.quant_prob = p
 
 
 @register_method(MetaAugConfig)

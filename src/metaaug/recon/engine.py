@@ -225,6 +225,11 @@ class Reconstructor:
     def unit_extra_stats(self, k: int) -> dict:
         return {}
 
+    def during(self, k: int, it: int, unit: nn.Module, data: UnitData) -> UnitData:
+        """Called before each reconstruction step of unit `k`; returns the data to train on from then on (MetaAug
+        with meta steps spread through reconstruction: steps T and refreshes T(x))."""
+        return data
+
     @torch.no_grad()
     def init_quantizers(self, unit: nn.Module, data: UnitData) -> None:
         """Lp-search the unit's activation steps on its quantized-path inputs, then start rounding at FP."""
@@ -277,6 +282,7 @@ class Reconstructor:
         n, first, last = data.size, None, None
         start = time.perf_counter()
         for it in range(cfg.iters):
+            data = self.during(k, it, unit, data)
             idx = torch.randint(n, (cfg.batch_size,))
             inputs, target = data.batch(idx, cfg.quant_prob, self.device)
             rec = output_error(unit(*inputs), target)
