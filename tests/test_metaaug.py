@@ -111,6 +111,10 @@ def test_spread_meta_steps_fall_through_reconstruction_and_rerender_the_transfor
     assert not torch.equal(rows[1], rows[2]) and torch.equal(rows[2], rows[3])  # T(x) re-rendered after each meta step
     assert all(p == {cfg.quant_prob} for kk, _, _, p in eng.seen if kk == k)  # QDrop's dropping restored after each
     assert eng.spread is None and len(eng.snapshots) == 3
+    cfg0 = MetaAugConfig(iters=2, meta_iters=0, meta_schedule="spread")
+    none = MetaAugReconstructor(prepare(randomize_bn(TinyNet()), QuantSpec(2, 2)), cfg0, seed=0)
+    none.run(torch.randn(6, 1, 28, 28))
+    assert [m["meta_iters"] for m in none.meta_log] == [0, 0]
 
 
 def test_validation_views_are_seeded_shifted_copies_and_off_by_default():

@@ -345,8 +345,11 @@ class MetaAugReconstructor(Reconstructor):
             self.val_stepper.advance_to(k)
         if k in self.meta_units:
             steps = cfg.meta_iters_for(self.meta_units.index(k), len(self.meta_units))
-            if cfg.meta_schedule == "spread":
-                self.spread = SpreadPlan(k, data, spread_positions(steps, cfg.iters))
+            positions = spread_positions(steps, cfg.iters)
+            if cfg.meta_schedule == "spread" and positions:
+                self.spread = SpreadPlan(k, data, positions)
+            elif cfg.meta_schedule == "spread":
+                self._finish_meta(k, 0, 0.0, [])
             else:
                 theta = self._inner_params(unit)
                 curve: list[dict] = []
@@ -431,6 +434,7 @@ def spread_positions(steps: int, iters: int) -> list[int]:
 
 
 def curve_point(curve: list[dict], step: int, log: dict[str, float], keep: bool) -> None:
+    """Append one meta step's losses (rounded) to a unit's curve when `keep` (every `log_every`-th and the last)."""
     if keep:
         curve.append({"step": step, **{n: round(v, 6) for n, v in log.items()}})
 
