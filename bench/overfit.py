@@ -54,11 +54,15 @@ def verdicts(runs: list[dict]) -> list[dict]:
         overfits = drop is not None and n != FULL and drop <= -DROP and statistics.mean(gap) >= GAP
         base = cells.get((model, BASELINE, setting, n)) if variant != BASELINE else None
         vs_base = statistics.mean(test) - statistics.mean(r["quant_top1"] for r in base) if base else None
+        by_seed = {r["seed"]: r["quant_top1"] for r in base or []}
+        paired = [f"{r['quant_top1'] - by_seed[r['seed']]:+.2f}" for r in sorted(reps, key=lambda r: r["seed"])
+                  if r["seed"] in by_seed]
         rows.append({"model": model, "variant": variant, "setting": setting, "calib_size": n, "seeds": len(reps),
                      "test_top1": mean_std(test), "calib_top1": mean_std([r["calib_top1"] for r in reps]),
                      "gap": mean_std(gap), "vs_1024": "-" if drop is None or n == FULL else f"{drop:+.2f}",
                      "overfits": "yes" if overfits else "no",
                      "vs_qdrop": "-" if vs_base is None else f"{vs_base:+.2f}",
+                     "vs_qdrop_by_seed": " / ".join(paired) or "-",
                      "_test": statistics.mean(test), "_std": statistics.stdev(test) if len(test) > 1 else 0.0,
                      "_gap": statistics.mean(gap)})
     return rows
@@ -104,7 +108,8 @@ def main() -> None:
     legend = (f"test_top1 / calib_top1: top-1 (%) on the 10k test split / on the calibration images, mean ± std over "
               f"seeds; gap: calib - test; vs_1024: test top-1 minus the same variant at {FULL} images (QDrop's where the "
               f"variant has no {FULL}-image run); overfits: vs_1024 <= -{DROP} and mean gap >= {GAP}; vs_qdrop: test "
-              f"top-1 minus QDrop's at the same calibration size.")
+              f"top-1 minus QDrop's at the same calibration size; vs_qdrop_by_seed: the same, seed by seed (a seed draws the "
+              f"same calibration images for every method).")
     write_results(a.out, command, public, {}, legend)
     plot(rows, a.out / "overfit.png")
     print((a.out / "results.md").read_text())

@@ -65,6 +65,27 @@ def test_resume_after_interrupt_equals_uninterrupted_run(resnet20, calib256, tmp
     assert torch.equal(full(x), resumed(x))
 
 
+@pytest.mark.parametrize("schedule", ["before", "spread"])
+def test_metaaug_resumes_with_its_transformation_network_and_matches_the_uninterrupted_run(tmp_path, schedule):
+    from conftest import TinyNet, randomize_bn
+    from metaaug.methods.metaaug import MetaAugConfig
+
+    torch.manual_seed(0)
+    model, imgs = randomize_bn(TinyNet()), torch.randn(12, 1, 28, 28)
+    cfg = MetaAugConfig(iters=6, meta_iters=3, meta_batch=4, lr_t=1e-2, meta_schedule=schedule)
+    full = quantize(model, imgs, cfg, QuantSpec(2, 2), seed=3, device="cpu")
+    with pytest.raises(Interrupt):  # stop after the stem and the first block: T has taken its first block's steps
+        quantize(model, imgs, cfg, QuantSpec(2, 2), seed=3, device="cpu", store=RunStore(tmp_path, {"x": 1}),
+                 progress=StopAfter(2))
+    assert (tmp_path / "progress_method.pt").exists()
+    resumed = quantize(model, imgs, cfg, QuantSpec(2, 2), seed=3, device="cpu", store=RunStore(tmp_path, {"x": 1}))
+    a, b = state_of(full), state_of(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+    (tmp_path / "progress_method.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception, match="cannot be read as saved method progress"):
+        quantize(model, imgs, cfg, QuantSpec(2, 2), seed=3, device="cpu", store=RunStore(tmp_path, {"x": 1}))
+
+
 def test_same_seed_same_result_different_seed_differs(resnet20, calib256):
     cfg, imgs = method_cfg("qdrop", 10), calib256.images[:48]
     a = quantize(resnet20, imgs, cfg, QuantSpec(2, 4), seed=0, device="cpu")

@@ -8,14 +8,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from metaaug.errors import ConfigError
 from metaaug.quant.prepare import QuantModel
 from metaaug.recon.engine import UnitStats
 
-CONFIG, PROGRESS, PROGRESS_STATE, QUANTIZED, REPORT = (
-    "config.json", "progress.json", "progress.safetensors", "quantized.safetensors", "report.json")
+CONFIG, PROGRESS, PROGRESS_STATE, METHOD_STATE, QUANTIZED, REPORT = (
+    "config.json", "progress.json", "progress.safetensors", "progress_method.pt", "quantized.safetensors", "report.json")
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -67,10 +68,27 @@ class RunStore:
         load_state(qmodel, state)
         return int(info["units_done"]), [UnitStats(**s) for s in info["units"]]
 
-    def save(self, qmodel: QuantModel, units_done: int, stats: list) -> None:
+    def save(self, qmodel: QuantModel, units_done: int, stats: list, method_state: dict | None = None) -> None:
+        """Progress after a unit; `method_state` (tensors, numbers, strings, lists, dicts) is what the method needs
+        to resume exactly, e.g. MetaAug's T. It is written before the unit count, so a count never outruns it."""
+        if method_state is not None:
+            tmp = self.out / (METHOD_STATE + ".tmp")
+            torch.save(method_state, tmp)
+            os.replace(tmp, self.out / METHOD_STATE)
         save_state(qmodel, self.out / PROGRESS_STATE)
         _atomic_write(self.out / PROGRESS, json.dumps(
             {"units_done": units_done, "units": [dataclasses.asdict(s) for s in stats]}, indent=2) + "\n")
+
+    def restore_method_state(self) -> dict | None:
+        """The method state saved with the progress (loaded with `weights_only=True`), or None if there is none."""
+        path = self.out / METHOD_STATE
+        if not path.exists():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a truncated or foreign file: say which, not a pickle trace
+            raise ConfigError(f"{path} cannot be read as saved method progress ({type(err).__name__}); "
+                              "delete the run folder to start over") from None
 
     def finish(self, qmodel: QuantModel, report: dict[str, Any]) -> None:
         save_state(qmodel, self.out / QUANTIZED)

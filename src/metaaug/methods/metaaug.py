@@ -410,6 +410,17 @@ class MetaAugReconstructor(Reconstructor):
         name = self.qmodel.unit_names[k]
         return next(({kk: v for kk, v in m.items() if kk != "unit"} for m in self.meta_log if m["unit"] == name), {})
 
+    def method_state(self) -> dict:
+        """T, its Adam state, the meta-batch RNG and the logs so far: a resumed run continues exactly."""
+        return {"tnet": self.tnet.state_dict(), "t_opt": self.t_opt.state_dict(), "gen": self.gen.get_state(),
+                "meta_log": self.meta_log, "curves": self.curves, "snapshots": self.snapshots}
+
+    def load_method_state(self, state: dict) -> None:
+        self.tnet.load_state_dict(state["tnet"])
+        self.t_opt.load_state_dict(state["t_opt"])
+        self.gen.set_state(state["gen"])
+        self.meta_log, self.curves, self.snapshots = state["meta_log"], state["curves"], state["snapshots"]
+
     def report(self) -> dict:
         """Method-specific report fields: meta time, validation source, per-unit meta losses."""
         meta = sum(m["meta_seconds"] for m in self.meta_log)

@@ -176,6 +176,10 @@ class Reconstructor:
         done, self.stats = (self.store.restore(qm) if self.store else (0, []))
         self.progress.start(list(qm.unit_names))
         self.begin(images)
+        if done and self.store:
+            state = self.store.restore_method_state()
+            if state is not None:
+                self.load_method_state(state)
         for k, name in enumerate(qm.unit_names):
             unit = qm.unit(k)
             with fp_mode(qm), torch.no_grad():
@@ -211,7 +215,7 @@ class Reconstructor:
                 q.step()
             self.stats.append(stats)
             if self.store:
-                self.store.save(qm, k + 1, self.stats)
+                self.store.save(qm, k + 1, self.stats, self.method_state())
             self.progress.unit_end(k, stats)
         self.end()
         return self.stats
@@ -224,6 +228,13 @@ class Reconstructor:
 
     def unit_extra_stats(self, k: int) -> dict:
         return {}
+
+    def method_state(self) -> dict | None:
+        """What a resumed run needs beyond the model's state (MetaAug: T, its optimiser and RNG); None if nothing."""
+        return None
+
+    def load_method_state(self, state: dict) -> None:
+        """Restore what `method_state` returned when the run was saved."""
 
     def during(self, k: int, it: int, unit: nn.Module, data: UnitData) -> UnitData:
         """Called before each reconstruction step of unit `k`; returns the data to train on from then on (MetaAug
