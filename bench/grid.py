@@ -25,7 +25,6 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from metaaug.pipeline import RunConfig, run_job
-from metaaug.store import RunStore
 from tables import mean_std, strip_run, write_results
 
 RUN_KEYS = ("holdout", "fold_bn", "calib_source", "synth", "mixed_synth")  # variant options that set the run
@@ -71,7 +70,7 @@ def run_one(run_dir: str, cfg: RunConfig) -> dict:
     """A finished run's report, or the run; a finished folder that holds another config is refused, not reused."""
     report_path = Path(run_dir) / "report.json"
     if report_path.exists():
-        RunStore(run_dir, cfg.identity())
+        cfg.store(run_dir)
         return json.loads(report_path.read_text())
     return run_job(cfg, run_dir, device="auto")
 

@@ -123,6 +123,20 @@ def test_run_store_accepts_its_own_config_with_tuples(tmp_path):
         RunStore(tmp_path, {"terms": ("kl",), "x": 1})
 
 
+def test_a_run_stored_before_a_method_field_existed_resumes_while_that_field_stays_at_its_default(tmp_path):
+    from metaaug.pipeline import RunConfig
+
+    cfg = RunConfig(method="metaaug", options={"meta_iters": 5})
+    stored = cfg.identity()
+    del stored["method_config"]["inner_steps"], stored["method_config"]["meta_schedule"]  # as an older version wrote it
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    cfg.store(tmp_path)
+    with pytest.raises(Exception, match=r"differs in: method_config\.inner_steps"):
+        RunConfig(method="metaaug", options={"meta_iters": 5, "inner_steps": 3}).store(tmp_path)
+    with pytest.raises(Exception, match=r"differs in: method_config\.meta_iters"):
+        RunConfig(method="metaaug", options={"meta_iters": 6}).store(tmp_path)
+
+
 def test_ten_image_calibration_set_one_per_class(tmp_path, small_data):
     """Scarce calibration: 10 images (one per class) is smaller than a batch; batches are drawn with replacement."""
     out = tmp_path / "run"

@@ -70,6 +70,14 @@ class RunConfig:
         """The config as stored: run options plus the fully resolved method config."""
         return {**dataclasses.asdict(self), "method_config": config_dict(self.method_cfg())}
 
+    def identity_defaults(self) -> dict[str, Any]:
+        """The method config's defaults: a run folder stored before a method field existed still resumes."""
+        return {"method_config": config_dict(type(self.method_cfg())())}
+
+    def store(self, out: str | Path) -> RunStore:
+        """The run folder for this config (refuses one that holds another config)."""
+        return RunStore(out, self.identity(), self.identity_defaults())
+
 
 def build_quant_model(cfg: RunConfig) -> QuantModel:
     """The (empty) fake-quant model a run's saved state loads into."""
@@ -105,7 +113,7 @@ def run_job(cfg: RunConfig, out: str | Path, device: str = "auto", progress: Pro
                                      cfg.mixed_synth)
     check_calibration(calib.images)  # before the run folder exists: a refused run leaves nothing behind
     qmodel = prepare_for(model, mcfg, spec, cfg.units).to(dev)
-    store = RunStore(out, cfg.identity())
+    store = cfg.store(out)
     fp_top1 = top1(model.to(dev), test, device=dev)
     ctx = JobContext(calib.images, calib.labels, holdout, store, progress or NullProgress(), Path(out), cfg.seed, dev)
     result = run_method(qmodel, mcfg, ctx)

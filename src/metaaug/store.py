@@ -45,14 +45,15 @@ def load_state(qmodel: QuantModel, path: Path) -> None:
 class RunStore:
     """Progress of one run in `out/`; refuses a folder that holds a different config."""
 
-    def __init__(self, out: str | Path, config: dict[str, Any]) -> None:
+    def __init__(self, out: str | Path, config: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
+        """`defaults`: the default of each field, nested like `config`, so that a run stored before a field existed
+        still matches a config that leaves the new field at its default."""
         self.out = Path(out)
         self.config = config = json.loads(json.dumps(config))  # as stored: tuples compare as the lists JSON gives back
         cfg_path = self.out / CONFIG
         if cfg_path.exists():
             old = json.loads(cfg_path.read_text())
-            # a field added later whose value is None (its default) matches a config stored before it existed
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            diff = changed_fields(old, config, json.loads(json.dumps(defaults or {})))
             if diff:
                 raise ConfigError(f"{self.out} holds a run with a different config (differs in: {', '.join(diff)}); "
                                   "use another --out or delete the folder")
@@ -93,6 +94,24 @@ class RunStore:
     def finish(self, qmodel: QuantModel, report: dict[str, Any]) -> None:
         save_state(qmodel, self.out / QUANTIZED)
         _atomic_write(self.out / REPORT, json.dumps(report, indent=2) + "\n")
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any], prefix: str = "") -> list[str]:
+    """Fields (dotted paths) whose stored and requested values differ. A field present on one side only matches if
+    its value is None or its default there: it was added (or dropped) after the run was stored."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if (key in old) != (key in new):
+            value = new.get(key, old.get(key))
+            if value is None or (key in defaults and defaults[key] == value):
+                continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = defaults.get(key)
+            out += changed_fields(a, b, sub if isinstance(sub, dict) else {}, f"{prefix}{key}.")
+        elif a != b:
+            out.append(prefix + key)
+    return out
 
 
 def read_json(path: Path) -> dict[str, Any]:
