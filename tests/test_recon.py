@@ -60,3 +60,27 @@ def test_qdrop_learns_weight_steps_and_the_paper_recipe_keeps_them(tiny_net):
         assert torch.equal(a, b)
     moved = [not torch.equal(a, b) for a, b in zip(start, steps(QDropConfig(iters=20, batch_size=16)), strict=True)]
     assert all(moved)
+
+
+def test_fixed_augmentation_reconstructs_on_seeded_views_of_each_image(tiny_net):
+    """`aug_views=K` trains every unit on the images plus K shift/flip views of each, the same views for a seed."""
+    from metaaug.quant import prepare
+    from metaaug.recon.engine import Reconstructor
+
+    images = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    sizes = []
+
+    class Recording(Reconstructor):
+        def optimize(self, k, name, unit, data):
+            sizes.append(data.size)
+            return super().optimize(k, name, unit, data)
+
+    eng = Recording(prepare(copy.deepcopy(tiny_net), QuantSpec(2, 4)), QDropConfig(iters=2, aug_views=3), seed=1)
+    eng.run(images)
+    assert set(sizes) == {24}
+    views = eng.with_views(images)
+    assert torch.equal(views[:6], images) and torch.equal(views, eng.with_views(images))
+    assert sum(not torch.equal(v, images[i % 6]) for i, v in enumerate(views[6:])) > 9
+    assert Reconstructor(eng.qmodel, QDropConfig(), seed=1).with_views(images) is images
+    with pytest.raises(ConfigError, match="aug_views must be >= 0"):
+        QDropConfig(aug_views=-1)

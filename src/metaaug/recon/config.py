@@ -16,6 +16,8 @@ class ReconConfig:
 
     `scale_schedule="cosine"` anneals the activation- and weight-step learning rates to 0 over the unit's iterations,
     as QDrop's and Genie's released code do; the rounding logits keep a constant rate in either case.
+    `aug_views` > 0 (not in any of the papers) reconstructs on each calibration image plus that many random
+    shift/flip views of it, drawn once per run (seeded): fixed augmentation, the control a learned one must beat.
     """
 
     name: ClassVar[str] = "recon"
@@ -34,6 +36,7 @@ class ReconConfig:
     learn_rounding: bool = True
     learn_act_scale: bool = True
     cache_device: str = "cpu"
+    aug_views: int = 0
 
     def __post_init__(self) -> None:
         if self.iters < 0:
@@ -44,6 +47,8 @@ class ReconConfig:
             raise ConfigError(f"quant_prob must be in (0, 1], got {self.quant_prob}")
         if self.scale_schedule not in SCHEDULES:
             raise ConfigError(f"scale_schedule must be one of {', '.join(SCHEDULES)}, got {self.scale_schedule!r}")
+        if self.aug_views < 0:
+            raise ConfigError(f"aug_views must be >= 0, got {self.aug_views}")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"warmup must be in [0, 1), got {self.warmup}")
 

@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from metaaug.data.augment import augment
 from metaaug.quant.prepare import QuantModel
 from metaaug.quant.quantizers import qdrop_mix
 from metaaug.recon.config import ReconConfig
@@ -168,9 +169,17 @@ class Reconstructor:
         return None
 
     # ---- the loop --------------------------------------------------------------------------------
+    def with_views(self, images: torch.Tensor) -> torch.Tensor:
+        """The calibration images followed by `aug_views` seeded random shift/flip views of each (fixed augmentation)."""
+        if not self.cfg.aug_views:
+            return images
+        gen = torch.Generator().manual_seed(self.seed * 7 + 3)
+        return torch.cat([images, *(augment(images, generator=gen) for _ in range(self.cfg.aug_views))])
+
     def run(self, images: torch.Tensor) -> list[UnitStats]:
         qm, cfg = self.qmodel, self.cfg
         chunk = 256
+        images = self.with_views(images)
         fp = GraphStepper(qm, images, self.device, cfg.cache_device, chunk)
         q = GraphStepper(qm, images, self.device, cfg.cache_device, chunk)
         done, self.stats = (self.store.restore(qm) if self.store else (0, []))
