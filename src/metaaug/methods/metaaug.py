@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from metaaug.data.augment import augment
-from metaaug.errors import ConfigError, DataError
-from metaaug.methods.configs import QDropConfig
+from metaaug.errors import DataError
 from metaaug.methods.meta_losses import distill_kl, margin, mixup_pair, pkt
+from metaaug.methods.meta_schedule import SpreadPlan, curve_point, full_quantization, rows_of, spread_positions
+from metaaug.methods.metaaug_config import MetaAugConfig
 from metaaug.methods.registry import JobContext, MethodResult, register_method
 from metaaug.methods.transform import TransformNet
 from metaaug.quant.prepare import QuantModel
@@ -30,96 +27,7 @@ from metaaug.quant.quantizers import ActQuantizer, WeightQuantizer, qdrop_mix
 from metaaug.recon.engine import Reconstructor, UnitData, fp_mode, loop_threads, threads
 from metaaug.recon.loss import output_error
 from metaaug.recon.stepper import GraphStepper, map_chunks
-from metaaug.synth.data import check_synth_folder, load_synthetic
-
-INNER_OPTIMIZERS = ("sgd", "adam_fresh")
-BALANCES = ("cap", "none")
-SCHEDULES = ("before", "spread")
-
-
-@dataclass
-class MetaAugConfig(QDropConfig):
-    """MetaAug (Pham et al., "MetaAug: Meta-Data Augmentation for Post-Training Quantization", ECCV 2024).
-
-    Defaults are the project's working version; `MetaAugConfig.paper()` gives the paper/released-code values
-    (alpha 5, beta 0.5, gamma 3e4, eps 0.1, lr 5e-6, clip 0.1, 500 meta steps, fresh-Adam inner step).
-    Why they differ: the paper's T starts from an unpublished warm-up checkpoint, ours from the identity, so
-    lr 5e-6 leaves it the identity; and with the paper's weights PKT's gradient is ~100x the validation term's,
-    so `balance='cap'` limits each auxiliary term's (margin, PKT) gradient norm on T to `aux_cap` times the
-    validation term's, keeping the validation signal in charge without amplifying a vanishing term.
-    `val_views` > 0 (not in the paper) validates T on random shift/flip views of the validation images, for
-    calibration sets so small that reconstruction fits them exactly (docs/metaaug.md, scarce-data regime).
-    `val_synth` (not in the paper) names a `metaaug synth` folder whose synthetic images (generated from the FP
-    model's BatchNorm statistics, no extra real data when made with `--real-per-class 0`) T is validated on instead:
-    images reconstruction never fits, with information about the classes beyond the calibration set.
-    Two changes to the bi-level step itself (not in the paper; docs/metaaug.md, scarce-data regime):
-    `inner_steps` > 1 looks ahead through that many differentiable inner steps (each on its own batch of T(x))
-    instead of one; `meta_schedule="spread"` takes the unit's meta steps at even intervals through its
-    reconstruction instead of all before it, each from the rounding and steps reconstruction has reached so far,
-    and re-renders the transformed training images T(x) after each.
-    """
-
-    name: ClassVar[str] = "metaaug"
-    meta_iters: int = 500
-    meta_decay: float = 1.0
-    meta_batch: int = 32
-    alpha: float = 5.0
-    beta: float = 0.5
-    gamma: float = 3e4
-    eps: float = 0.1
-    temperature: float = 4.0
-    lr_t: float = 1e-3
-    clip: float = 0.1
-    inner_optimizer: str = "sgd"
-    inner_lookahead: float = 500.0
-    inner_steps: int = 1
-    meta_schedule: str = "before"
-    balance: str = "cap"
-    aux_cap: float = 0.5
-    t_width: int = 16
-    use_transformed: bool = True
-    val_views: int = 0
-    val_synth: str | None = None
-    log_every: int = 10
-    terms: tuple[str, ...] = field(default=("kl", "margin", "pkt"))
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.inner_optimizer not in INNER_OPTIMIZERS:
-            raise ConfigError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {self.inner_optimizer!r}")
-        if self.balance not in BALANCES:
-            raise ConfigError(f"balance must be one of {BALANCES}, got {self.balance!r}")
-        if self.meta_schedule not in SCHEDULES:
-            raise ConfigError(f"meta_schedule must be one of {SCHEDULES}, got {self.meta_schedule!r}")
-        if self.meta_schedule == "spread" and (self.iters == 0 or not self.use_transformed):
-            raise ConfigError("meta_schedule='spread' needs reconstruction steps (iters > 0) and use_transformed=True")
-        if self.inner_steps < 1:
-            raise ConfigError(f"inner_steps must be >= 1, got {self.inner_steps}")
-        if self.meta_iters < 0:
-            raise ConfigError(f"meta_iters must be >= 0, got {self.meta_iters}")
-        if self.val_views < 0:
-            raise ConfigError(f"val_views must be >= 0, got {self.val_views}")
-        if self.val_synth is not None:
-            check_synth_folder(self.val_synth)
-        if isinstance(self.terms, str):  # "kl+pkt" from the CLI or a benchmark variant
-            self.terms = tuple(filter(None, self.terms.split("+")))
-        bad = set(self.terms) - {"kl", "margin", "pkt", "mse"}
-        if bad:
-            raise ConfigError(f"unknown MetaAug loss term(s) {sorted(bad)}; use kl, mse, margin, pkt")
-        self.terms = tuple(self.terms)
-
-    @classmethod
-    def paper(cls, **overrides) -> MetaAugConfig:
-        """The values of the paper and its released code (fresh-Adam inner step, raw loss weights, lr 5e-6)."""
-        base = {"lr_t": 5e-6, "inner_optimizer": "adam_fresh", "balance": "none"}
-        return cls(**{**base, **overrides})
-
-    def meta_iters_for(self, position: int, count: int) -> int:
-        """Meta steps for the `position`-th of `count` meta units: `meta_iters` decaying linearly to `meta_decay` x."""
-        if count <= 1:
-            return self.meta_iters
-        frac = 1.0 + (self.meta_decay - 1.0) * position / (count - 1)
-        return max(0, round(self.meta_iters * frac))
+from metaaug.synth.data import load_synthetic
 
 
 class MetaAugReconstructor(Reconstructor):
@@ -252,7 +160,7 @@ class MetaAugReconstructor(Reconstructor):
         for s in range(cfg.inner_steps):  # each inner step on its own slice of the batch
             rows = slice(s * b, (s + 1) * b)
             args = tuple(a[rows] if isinstance(a, torch.Tensor) else a for a in mixed)
-            train_loss = output_error(functional_call(unit, new_theta, args), _rows(fp_out, rows))
+            train_loss = output_error(functional_call(unit, new_theta, args), rows_of(fp_out, rows))
             new_theta = self._inner_step(train_loss, new_theta)
         tx_aux, x_aux = tx[:b], x[:b]
 
@@ -366,7 +274,7 @@ class MetaAugReconstructor(Reconstructor):
         """With `meta_schedule='spread'`: at the planned steps, one meta step from the unit's current rounding and
         steps, then the transformed half of the training data re-rendered with the updated T."""
         plan = self.spread
-        if plan is None or plan.unit != k or it not in plan.at:
+        if plan is None or plan.unit != k or it != plan.at[len(plan.done)]:  # O(1): a check on every step
             return data
         start = time.perf_counter()
         with full_quantization(self.qmodel, unit):  # the meta step sees the unit as the "before" schedule does
@@ -426,46 +334,6 @@ class MetaAugReconstructor(Reconstructor):
         meta = sum(m["meta_seconds"] for m in self.meta_log)
         return {"meta_seconds": round(meta, 1), "validation": self.validation, "meta_units": self.meta_log}
 
-
-@dataclass
-class SpreadPlan:
-    """Where one unit's meta steps fall in its reconstruction, and what they have logged so far."""
-
-    unit: int
-    real: UnitData
-    at: list[int]
-    done: list[int] = field(default_factory=list)
-    curve: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-def spread_positions(steps: int, iters: int) -> list[int]:
-    """`steps` reconstruction iterations at even intervals over `iters`, starting at the first (at most one each)."""
-    return sorted({(i * iters) // steps for i in range(steps)}) if steps and iters else []
-
-
-def curve_point(curve: list[dict], step: int, log: dict[str, float], keep: bool) -> None:
-    """Append one meta step's losses (rounded) to a unit's curve when `keep` (every `log_every`-th and the last)."""
-    if keep:
-        curve.append({"step": step, **{n: round(v, 6) for n, v in log.items()}})
-
-
-def _rows(out: torch.Tensor | tuple, rows: slice) -> torch.Tensor | tuple:
-    return out[rows] if isinstance(out, torch.Tensor) else tuple(o[rows] for o in out)
-
-
-@contextmanager
-def full_quantization(qmodel: QuantModel, unit: nn.Module) -> Iterator[None]:
-    """Turn QDrop's random dropping of the unit's activation quantization off for a meta step, then restore it."""
-    acts = list(qmodel.act_quantizers(unit))
-    saved = [aq.quant_prob for aq in acts]
-    for aq in acts:
-        aq.quant_prob = 1.0
-    try:
-        yield
-    finally:
-        for aq, p in zip(acts, saved, strict=True):
-            aq.quant_prob = p
 
 
 @register_method(MetaAugConfig)
