@@ -8,7 +8,9 @@ table is rebuilt from all finished reports: `<out>/results.json` and `<out>/resu
 
 Variants: `--variant NAME=METHOD[:key=value,...]` (repeatable) runs METHOD with options under NAME, e.g.
 `--variant paper=metaaug:inner_optimizer=adam_fresh,balance=none`
-(`holdout`, `fold_bn`, `calib_source`, `synth` and `mixed_synth` set the run, not the method). `--ray` runs the grid on a ray cluster.
+(`holdout`, `fold_bn`, `calib_source`, `synth` and `mixed_synth` set the run, not the method). `--jobs N` runs N runs
+at once in worker processes (each with `OMP_NUM_THREADS` threads; on a GPU they share it); `--ray` runs the grid on a
+ray cluster.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -66,13 +71,43 @@ def jobs(a: argparse.Namespace) -> list[tuple[str, RunConfig]]:
     return out
 
 
-def run_one(run_dir: str, cfg: RunConfig) -> dict:
+def run_one(run_dir: str, cfg: RunConfig, device: str = "auto") -> dict:
     """A finished run's report, or the run; a finished folder that holds another config is refused, not reused."""
     report_path = Path(run_dir) / "report.json"
     if report_path.exists():
         cfg.store(run_dir)
         return json.loads(report_path.read_text())
-    return run_job(cfg, run_dir, device="auto")
+    return run_job(cfg, run_dir, device=device)
+
+
+class Runner:
+    """Runs (folder, config) jobs `jobs` at a time in spawned worker processes (safe with CUDA), so the caller can go
+    on (e.g. searching) while they run; with `jobs` <= 1 they run in this process, in order, at `results()`.
+    `done(i, folder, report, seconds)` is called after each; a failed run stops the batch with its error."""
+
+    def __init__(self, jobs: int = 1, device: str = "auto", done: Callable[[int, str, dict, float], None] | None = None) -> None:
+        self.device, self.done, self.start = device, done, time.time()
+        self.pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) if jobs > 1 else None
+        self.todo: list[tuple[str, RunConfig]] = []
+        self.futures: dict[Future, str] = {}
+
+    def submit(self, todo: list[tuple[str, RunConfig]]) -> None:
+        self.todo += todo
+        if self.pool is not None:
+            self.futures.update({self.pool.submit(run_one, run_dir, cfg, self.device): run_dir for run_dir, cfg in todo})
+
+    def results(self) -> dict[str, dict]:
+        """Every submitted run's report, keyed by folder, in submission order."""
+        reports: dict[str, dict] = {}
+        finished = ((run_dir, run_one(run_dir, cfg, self.device)) for run_dir, cfg in self.todo) if self.pool is None else (
+            (self.futures[f], f.result()) for f in as_completed(self.futures))
+        for i, (run_dir, report) in enumerate(finished):
+            reports[run_dir] = report
+            if self.done:
+                self.done(i, run_dir, report, time.time() - self.start)
+        if self.pool is not None:
+            self.pool.shutdown()
+        return {run_dir: reports[run_dir] for run_dir, _ in self.todo}
 
 
 def summarise(reports: dict[str, dict], command: str, out: Path) -> None:
@@ -107,6 +142,8 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--holdout", type=float, default=0.0)
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (worker processes)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--ray", action="store_true", help="run the grid as ray tasks (pip install 'metaaug[ray]')")
     a = p.parse_args()
     command = "python bench/grid.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
@@ -123,12 +160,16 @@ def main() -> None:
         futures = {key: remote.remote(str(a.out / "runs" / key), cfg) for key, cfg in todo}
         reports = {key: ray.get(f) for key, f in futures.items()}
     else:
-        for i, (key, cfg) in enumerate(todo):
-            t = time.time()
-            reports[key] = run_one(str(a.out / "runs" / key), cfg)
-            r = reports[key]
-            print(f"[{i + 1}/{len(todo)}] {key}: quant {r['quant_top1']} calib {r['calib_top1']} ({time.time() - t:.0f}s)", flush=True)
+        def done(i: int, run_dir: str, r: dict, seconds: float) -> None:
+            key = Path(run_dir).name
+            reports[key] = r
+            print(f"[{i + 1}/{len(todo)}] {key}: quant {r['quant_top1']} calib {r['calib_top1']} ({seconds:.0f}s)", flush=True)
             summarise(reports, command, a.out)
+
+        runner = Runner(a.jobs, a.device, done)
+        runner.submit([(str(a.out / "runs" / key), cfg) for key, cfg in todo])
+        runner.results()
+        reports = {key: reports[key] for key, _ in todo}
     summarise(reports, command, a.out)
 
 

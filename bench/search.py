@@ -6,7 +6,8 @@ finished by the same QDrop reconstruction; and the proxy's rank correlation with
     python bench/search.py --out bench/search --models resnet20 --budget avg_wbits=2.5 --seeds 0,1,2 --iters 2000
 
 Searches run once (seed 0; their folders resume), finishing runs per seed. `--tau N` also samples N random policies
-within the budget, scores them with both proxies and finishes each (first seed): Kendall tau per proxy.
+within the budget, scores them with both proxies and finishes each (first seed): Kendall tau per proxy. The finishing
+runs (`--jobs N` at once) start after every search is done.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from grid import SET_HELP, parse_options, run_one
+from grid import SET_HELP, Runner, parse_options
 from metaaug.models.registry import build_model
 from metaaug.pipeline import RunConfig
 from metaaug.quant import QuantSpec, prepare
@@ -70,6 +71,8 @@ def main() -> None:
     p.add_argument("--population", type=int, default=50)
     p.add_argument("--tau", type=int, default=0)
     p.add_argument("--tau-meta-steps", default="", help="also tau for MetaQuantNets trained this many steps, e.g. 50,200")
+    p.add_argument("--jobs", type=int, default=1, help="finishing runs at once (worker processes)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     a = p.parse_args()
     command = "python bench/search.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     kind, _, limit = a.budget.partition("=")
@@ -78,70 +81,74 @@ def main() -> None:
     wch = tuple(int(v) for v in a.wbits_choices.split(","))
     ach = tuple(int(v) for v in a.abits_choices.split(",")) if a.abits_choices else None
     rows, payload = [], {"searches": {}, "finished": {}, "tau": {}}
+    shared = ["ga-metaquant", "random-metaquant", f"tau{a.tau}-metaquant"]  # trained at --meta-steps: one net serves all
+
+    def done(i: int, run_dir: str, r: dict, seconds: float) -> None:
+        payload["finished"][Path(run_dir).name] = {k: r.get(k) for k in ("quant_top1", "calib_top1", "fp_top1", "seconds", "device")}
+        print(f"  [{i + 1}] {Path(run_dir).name}: {r['quant_top1']} ({seconds:.0f}s)", flush=True)
+
     for model in a.models.split(","):
         def search(name: str, model: str = model, steps: int = a.meta_steps, **kw) -> dict:
             cfg = SearchConfig(model=model, wbits_choices=wch, abits_choices=ach, abits=a.abits, budget_kind=kind,
                                budget=float(limit), meta=MetaQuantConfig(steps=steps),
                                ga=GAConfig(population=a.population, generations=a.generations), **kw)
             folder = a.out / "searches" / f"{model}-{kind}{limit}-{name}"
-            trained = a.out / "searches" / f"{model}-{kind}{limit}-ga-metaquant" / NET_FILE
-            if (kw.get("proxy", "metaquant") == "metaquant" and steps == a.meta_steps and trained.exists()
-                    and not (folder / NET_FILE).exists()):
+            nets = [a.out / "searches" / f"{model}-{kind}{limit}-{other}" / NET_FILE for other in shared]
+            trained = next((net for net in nets if net.exists()), None)
+            if name in shared and trained is not None and not (folder / NET_FILE).exists():
                 folder.mkdir(parents=True, exist_ok=True)  # MetaQuantNet is trained once per model: the others reuse it
                 shutil.copy(trained, folder / NET_FILE)
-            done = folder / "search.json"
-            summary = json.loads(done.read_text()) if done.exists() else run_search(cfg, folder)
+            finished = folder / "search.json"
+            summary = json.loads(finished.read_text()) if finished.exists() else run_search(cfg, folder, a.device)
             print(f"{model} {name}: proxy top-1 {summary['best']['top1']} ({summary['seconds']})", flush=True)
             payload["searches"][f"{model}-{name}"] = {k: summary[k] for k in ("best", "seconds", "evaluated", "strategy")}
             return summary
 
+        space = SearchSpace(prepare(build_model(model), QuantSpec(8, 8), "layer"), torch.zeros(1, 1, 28, 28), wch, ach, a.abits)
+
+        def finish(run: str, genome: list[int], seed: int, model: str = model, space: SearchSpace = space) -> tuple[str, RunConfig]:
+            return str(a.out / "runs" / run), RunConfig(model=model, method="qdrop", calib_size=1024, iters=a.iters, seed=seed,
+                                                        policy=space.policy(tuple(genome)).to_dict(), options=parse_options(a.set))
+
+        runner = Runner(a.jobs, a.device, done)
+        if a.tau:  # first: its finishing runs start while the searches below run
+            mq = search(f"tau{a.tau}-metaquant", strategy="random", evaluations=a.tau)
+            rt = search(f"tau{a.tau}-rtn-proxy", strategy="random", evaluations=a.tau, proxy="rtn")
+            tau_runs = [finish(f"{model}-tau-{i}-{kind}{limit}-s{seeds[0]}", c["genome"], seeds[0]) for i, c in enumerate(mq["candidates"])]
+            runner.submit(tau_runs)
         ga = search("ga-metaquant")
         candidates = {"ga-metaquant": ga, "ga-rtn-proxy": search("ga-rtn-proxy", proxy="rtn"),
                       "random-metaquant": search("random-metaquant", strategy="random", evaluations=ga["evaluated"]),
                       "sensitivity": search("sensitivity", strategy="sensitivity", proxy="rtn")}
         uniform = {k: u for k, u in ga["uniform"].items() if u["fits_budget"]}
-        space = SearchSpace(prepare(build_model(model), QuantSpec(8, 8), "layer"), torch.zeros(1, 1, 28, 28), wch, ach, a.abits)
-
-        def policy_of(genome: list[int], space: SearchSpace = space) -> dict:
-            return space.policy(tuple(genome)).to_dict()
-
         entries = {name: (s["best"]["genome"], s["best"]["cost"]) for name, s in candidates.items()}
         entries.update({f"uniform {k}": (u["genome"], u["cost"]) for k, u in uniform.items()})
-        for name, (genome, cost) in entries.items():
-            reps = []
-            for seed in seeds:
-                run = f"{model}-{name.replace(' ', '-')}-{kind}{limit}-s{seed}"
-                cfg = RunConfig(model=model, method="qdrop", calib_size=1024, iters=a.iters, seed=seed, policy=policy_of(genome),
-                                options=parse_options(a.set))
-                reps.append(run_one(str(a.out / "runs" / run), cfg))
-                payload["finished"][run] = {k: reps[-1][k] for k in ("quant_top1", "calib_top1", "fp_top1", "seconds")}
-                print(f"  {run}: {reps[-1]['quant_top1']}", flush=True)
+        finals = {name: [finish(f"{model}-{name.replace(' ', '-')}-{kind}{limit}-s{seed}", genome, seed) for seed in seeds]
+                  for name, (genome, _) in entries.items()}
+        runner.submit([job for runs in finals.values() for job in runs])
+        others = {steps: search(f"tau{a.tau}-metaquant{steps}", steps=steps, strategy="random", evaluations=a.tau)
+                  for steps in (a.tau_meta_steps if a.tau else [])}  # the proxy's quality against MetaQuantNet's training length
+        reports = runner.results()
+        for name, (_, cost) in entries.items():
+            reps = [reports[run_dir] for run_dir, _ in finals[name]]
             rows.append({"model": model, "budget": f"{kind} <= {limit}", "policy": name, "avg_wbits": cost["avg_wbits"],
                          "weight_kb": cost["weight_kb"], "gbops": cost["gbops"], "seeds": len(reps),
                          "quant_top1": mean_std([r["quant_top1"] for r in reps]),
                          "proxy": f"{candidates[name]['best']['top1']:.2f} / {candidates[name]['best']['kl']:.4f}" if name in candidates else "-",
                          "search_seconds": candidates[name]["seconds"]["total"] if name in candidates else "-"})
         if a.tau:
-            mq = search(f"tau{a.tau}-metaquant", strategy="random", evaluations=a.tau)
-            rt = search(f"tau{a.tau}-rtn-proxy", strategy="random", evaluations=a.tau, proxy="rtn")
             by_genome = {tuple(c["genome"]): c for c in rt["candidates"]}
-            finals, fit_mq, fit_rt = [], [], []
-            for i, c in enumerate(mq["candidates"]):
-                run = f"{model}-tau-{i}-{kind}{limit}-s{seeds[0]}"
-                cfg = RunConfig(model=model, method="qdrop", calib_size=1024, iters=a.iters, seed=seeds[0],
-                                policy=policy_of(c["genome"]), options=parse_options(a.set))
-                finals.append(run_one(str(a.out / "runs" / run), cfg)["quant_top1"])
-                fit_mq.append(c["fitness"])
-                fit_rt.append(by_genome[tuple(c["genome"])]["fitness"])
-            payload["tau"][model] = {"policies": len(finals), "metaquant": round(kendall_tau(fit_mq, finals), 3),
-                                     "rtn_proxy": round(kendall_tau(fit_rt, finals), 3), "final_top1": finals,
-                                     "final_spread": round(max(finals) - min(finals), 2),
-                                     "final_std": round(statistics.pstdev(finals), 3)}
-            for steps in a.tau_meta_steps:  # the proxy's quality against MetaQuantNet's training length, same policies
-                other = search(f"tau{a.tau}-metaquant{steps}", steps=steps, strategy="random", evaluations=a.tau)
+            top1s = [reports[run_dir]["quant_top1"] for run_dir, _ in tau_runs]
+            fit_mq = [c["fitness"] for c in mq["candidates"]]
+            fit_rt = [by_genome[tuple(c["genome"])]["fitness"] for c in mq["candidates"]]
+            payload["tau"][model] = {"policies": len(top1s), "metaquant": round(kendall_tau(fit_mq, top1s), 3),
+                                     "rtn_proxy": round(kendall_tau(fit_rt, top1s), 3), "final_top1": top1s,
+                                     "final_spread": round(max(top1s) - min(top1s), 2),
+                                     "final_std": round(statistics.pstdev(top1s), 3)}
+            for steps, other in others.items():
                 fits = {tuple(c["genome"]): c["fitness"] for c in other["candidates"]}
                 payload["tau"][model][f"metaquant_{steps}_steps"] = round(
-                    kendall_tau([fits[tuple(c["genome"])] for c in mq["candidates"]], finals), 3)
+                    kendall_tau([fits[tuple(c["genome"])] for c in mq["candidates"]], top1s), 3)
             print(f"{model} Kendall tau: {payload['tau'][model]}", flush=True)
         legend = (f"Every policy finished by QDrop ({a.iters} iterations per unit, 1024 images); quant_top1: test top-1, mean ± std "
                   f"over seeds. proxy: the search's own held-out top-1 / KL with its proxy weights. Searches: "

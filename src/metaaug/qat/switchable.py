@@ -87,9 +87,9 @@ class WeightBank(nn.Module):
         return nearest_index(w, scale, zp, 2**self.bits - 1) * scale
 
     def fixed(self, bits: int) -> WeightQuantizer:
-        """The post-training quantizer of this layer at `bits` (round-to-nearest)."""
+        """The post-training quantizer of this layer at `bits` (round-to-nearest), on the bank's device."""
         scale, zp = self.qparams(bits)
-        wq = WeightQuantizer(bits, scale.shape[0], scale.dim())
+        wq = WeightQuantizer(bits, scale.shape[0], scale.dim()).to(scale.device)
         wq.scale.data = scale.detach().clone()
         wq.zero_point.copy_(zp.detach())
         return wq
@@ -132,10 +132,11 @@ class ActBank(nn.Module):
         return lsq_fake_quant(x, self.scale(self.bits), lo, hi)
 
     def fixed(self, bits: int) -> ActQuantizer:
-        """The post-training quantizer of this tensor at `bits`."""
-        aq = ActQuantizer(bits)
+        """The post-training quantizer of this tensor at `bits`, on the bank's device."""
+        scale = self.scale(bits).detach()
+        aq = ActQuantizer(bits).to(scale.device)
         aq.signed.fill_(bool(self.signed))
-        aq.scale.data = self.scale(bits).detach().clone().reshape(1)
+        aq.scale.data = scale.clone().reshape(1)
         aq.initialized.fill_(True)
         aq.consumers = list(self.consumers)
         return aq
