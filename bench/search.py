@@ -6,7 +6,9 @@ finished by the same QDrop reconstruction; and the proxy's rank correlation with
     python bench/search.py --out bench/search --models resnet20 --budget avg_wbits=2.5 --seeds 0,1,2 --iters 2000
 
 Searches run once (seed 0; their folders resume), finishing runs per seed. `--tau N` also samples N random policies
-within the budget, scores them with both proxies and finishes each (first seed): Kendall tau per proxy. The finishing
+within the budget, scores them with both proxies and finishes each (`--tau-seeds`, default the first seed): Kendall
+tau per proxy against the mean over those seeds, and with two or more seeds the tau between seeds (the ceiling any
+proxy can reach when the finished accuracies differ by little more than seed noise). The finishing
 runs (`--jobs N` at once) start after every search is done.
 """
 
@@ -70,6 +72,7 @@ def main() -> None:
     p.add_argument("--generations", type=int, default=20)
     p.add_argument("--population", type=int, default=50)
     p.add_argument("--tau", type=int, default=0)
+    p.add_argument("--tau-seeds", default="", help="seeds for the tau policies' finishing runs (default: the first of --seeds)")
     p.add_argument("--tau-meta-steps", default="", help="also tau for MetaQuantNets trained this many steps, e.g. 50,200")
     p.add_argument("--jobs", type=int, default=1, help="finishing runs at once (worker processes)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -78,6 +81,7 @@ def main() -> None:
     kind, _, limit = a.budget.partition("=")
     a.tau_meta_steps = [int(v) for v in a.tau_meta_steps.split(",") if v]
     seeds = [int(s) for s in a.seeds.split(",")]
+    tau_seeds = [int(s) for s in a.tau_seeds.split(",")] if a.tau_seeds else seeds[:1]
     wch = tuple(int(v) for v in a.wbits_choices.split(","))
     ach = tuple(int(v) for v in a.abits_choices.split(",")) if a.abits_choices else None
     rows, payload = [], {"searches": {}, "finished": {}, "tau": {}}
@@ -114,8 +118,9 @@ def main() -> None:
         if a.tau:  # first: its finishing runs start while the searches below run
             mq = search(f"tau{a.tau}-metaquant", strategy="random", evaluations=a.tau)
             rt = search(f"tau{a.tau}-rtn-proxy", strategy="random", evaluations=a.tau, proxy="rtn")
-            tau_runs = [finish(f"{model}-tau-{i}-{kind}{limit}-s{seeds[0]}", c["genome"], seeds[0]) for i, c in enumerate(mq["candidates"])]
-            runner.submit(tau_runs)
+            tau_runs = {seed: [finish(f"{model}-tau-{i}-{kind}{limit}-s{seed}", c["genome"], seed) for i, c in enumerate(mq["candidates"])]
+                        for seed in tau_seeds}
+            runner.submit([job for runs in tau_runs.values() for job in runs])
         ga = search("ga-metaquant")
         candidates = {"ga-metaquant": ga, "ga-rtn-proxy": search("ga-rtn-proxy", proxy="rtn"),
                       "random-metaquant": search("random-metaquant", strategy="random", evaluations=ga["evaluated"]),
@@ -138,13 +143,19 @@ def main() -> None:
                          "search_seconds": candidates[name]["seconds"]["total"] if name in candidates else "-"})
         if a.tau:
             by_genome = {tuple(c["genome"]): c for c in rt["candidates"]}
-            top1s = [reports[run_dir]["quant_top1"] for run_dir, _ in tau_runs]
+            by_seed = {seed: [reports[run_dir]["quant_top1"] for run_dir, _ in runs] for seed, runs in tau_runs.items()}
+            top1s = [round(statistics.mean(vals), 3) for vals in zip(*by_seed.values(), strict=True)]
             fit_mq = [c["fitness"] for c in mq["candidates"]]
             fit_rt = [by_genome[tuple(c["genome"])]["fitness"] for c in mq["candidates"]]
             payload["tau"][model] = {"policies": len(top1s), "metaquant": round(kendall_tau(fit_mq, top1s), 3),
                                      "rtn_proxy": round(kendall_tau(fit_rt, top1s), 3), "final_top1": top1s,
                                      "final_spread": round(max(top1s) - min(top1s), 2),
-                                     "final_std": round(statistics.pstdev(top1s), 3)}
+                                     "final_std": round(statistics.pstdev(top1s), 3), "seeds": tau_seeds}
+            if len(tau_seeds) > 1:
+                pairs = [(x, y) for i, x in enumerate(tau_seeds) for y in tau_seeds[i + 1:]]
+                payload["tau"][model]["between_seeds"] = round(statistics.mean(
+                    kendall_tau(by_seed[x], by_seed[y]) for x, y in pairs), 3)
+                payload["tau"][model]["final_top1_by_seed"] = by_seed
             for steps, other in others.items():
                 fits = {tuple(c["genome"]): c["fitness"] for c in other["candidates"]}
                 payload["tau"][model][f"metaquant_{steps}_steps"] = round(
