@@ -168,8 +168,7 @@ def main() -> None:
 
         runner = Runner(a.jobs, a.device, done)
         runner.submit([(str(a.out / "runs" / key), cfg) for key, cfg in todo])
-        runner.results()
-        reports = {key: reports[key] for key, _ in todo}
+        reports = {Path(run_dir).name: r for run_dir, r in runner.results().items()}
     summarise(reports, command, a.out)
 
 

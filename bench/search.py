@@ -8,8 +8,8 @@ finished by the same QDrop reconstruction; and the proxy's rank correlation with
 Searches run once (seed 0; their folders resume), finishing runs per seed. `--tau N` also samples N random policies
 within the budget, scores them with both proxies and finishes each (`--tau-seeds`, default the first seed): Kendall
 tau per proxy against the mean over those seeds, and with two or more seeds the tau between seeds (the ceiling any
-proxy can reach when the finished accuracies differ by little more than seed noise). The finishing
-runs (`--jobs N` at once) start after every search is done.
+proxy can reach when the finished accuracies differ by little more than seed noise). Finishing runs go `--jobs N`
+at once; the tau policies' runs start as soon as their two quick searches are done, while the GA searches go on.
 """
 
 from __future__ import annotations
