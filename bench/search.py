@@ -1,15 +1,17 @@
-"""Mixed-precision search benchmark: policies from MetaQuantNet + GA against uniform bits, random search (same proxy,
-same number of evaluations), the GA with a round-to-nearest proxy and the Fisher-sensitivity knapsack (its proxy
-column is the round-to-nearest score: it needs no meta network), every policy
-finished by the same QDrop reconstruction; and the proxy's rank correlation with finished accuracy.
+"""Mixed-precision search benchmark: policies from MetaQuantNet + GA against uniform bits (those in the budget that
+no other uniform policy in it dominates), random search (same proxy, same number of evaluations), the GA with a
+round-to-nearest proxy and the Fisher-sensitivity knapsack (its proxy column is the round-to-nearest score: it needs
+no meta network), every policy finished by the same QDrop reconstruction; and the proxy's rank correlation with finished accuracy.
 
     python bench/search.py --out bench/search --models resnet20 --budget avg_wbits=2.5 --seeds 0,1,2 --iters 2000
 
 Searches run once (seed 0; their folders resume), finishing runs per seed. `--tau N` also samples N random policies
 within the budget, scores them with both proxies and finishes each (`--tau-seeds`, default the first seed): Kendall
-tau per proxy against the mean over those seeds, and with two or more seeds the tau between seeds (the ceiling any
-proxy can reach when the finished accuracies differ by little more than seed noise). Finishing runs go `--jobs N`
-at once; the tau policies' runs start as soon as their two quick searches are done, while the GA searches go on.
+tau per proxy against the mean over those seeds (MetaQuantNet, round-to-nearest, the sensitivity baseline's
+diagonal-Fisher loss estimate, and the budgeted cost alone: what any proxy must beat), and with two or more seeds
+the tau between seeds (the ceiling any proxy can reach when the finished accuracies differ by little more than seed
+noise). Finishing runs go `--jobs N` at once; the tau policies' runs start as soon as their two quick searches are
+done, while the GA searches go on.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from grid import SET_HELP, Runner, parse_options
+from metaaug.data import calibration_split, load_dataset
 from metaaug.models.registry import build_model
 from metaaug.pipeline import RunConfig
 from metaaug.quant import QuantSpec, prepare
-from metaaug.search import GAConfig, MetaQuantConfig, SearchConfig, SearchSpace, run_search
+from metaaug.search import Budget, GAConfig, MetaQuantConfig, SearchConfig, SearchSpace, run_search
 from metaaug.search.job import NET_FILE
+from metaaug.search.sensitivity import predicted_losses
 from tables import mean_std, write_results
 
 
@@ -55,6 +59,11 @@ def kendall_tau(a: list[float], b: list[float]) -> float:
                 disc += 1
     denom = ((conc + disc + ties_a) * (conc + disc + ties_b)) ** 0.5
     return (conc - disc) / denom if denom else 0.0
+
+
+def dominates(a: list[int], b: list[int]) -> bool:
+    """Policy a has at least b's bits everywhere and more somewhere: finishing b as well tells nothing new."""
+    return a != b and all(x >= y for x, y in zip(a, b, strict=True))
 
 
 def main() -> None:
@@ -94,7 +103,7 @@ def main() -> None:
     for model in a.models.split(","):
         def search(name: str, model: str = model, steps: int = a.meta_steps, **kw) -> dict:
             cfg = SearchConfig(model=model, wbits_choices=wch, abits_choices=ach, abits=a.abits, budget_kind=kind,
-                               budget=float(limit), meta=MetaQuantConfig(steps=steps),
+                               budget=limit, meta=MetaQuantConfig(steps=steps),
                                ga=GAConfig(population=a.population, generations=a.generations), **kw)
             folder = a.out / "searches" / f"{model}-{kind}{limit}-{name}"
             nets = [a.out / "searches" / f"{model}-{kind}{limit}-{other}" / NET_FILE for other in shared]
@@ -108,7 +117,8 @@ def main() -> None:
             payload["searches"][f"{model}-{name}"] = {k: summary[k] for k in ("best", "seconds", "evaluated", "strategy")}
             return summary
 
-        space = SearchSpace(prepare(build_model(model), QuantSpec(8, 8), "layer"), torch.zeros(1, 1, 28, 28), wch, ach, a.abits)
+        space_model = prepare(build_model(model), QuantSpec(8, 8), "layer")
+        space = SearchSpace(space_model, torch.zeros(1, 1, 28, 28), wch, ach, a.abits)
 
         def finish(run: str, genome: list[int], seed: int, model: str = model, space: SearchSpace = space) -> tuple[str, RunConfig]:
             return str(a.out / "runs" / run), RunConfig(model=model, method="qdrop", calib_size=1024, iters=a.iters, seed=seed,
@@ -125,7 +135,8 @@ def main() -> None:
         candidates = {"ga-metaquant": ga, "ga-rtn-proxy": search("ga-rtn-proxy", proxy="rtn"),
                       "random-metaquant": search("random-metaquant", strategy="random", evaluations=ga["evaluated"]),
                       "sensitivity": search("sensitivity", strategy="sensitivity", proxy="rtn")}
-        uniform = {k: u for k, u in ga["uniform"].items() if u["fits_budget"]}
+        fits = {k: u for k, u in ga["uniform"].items() if u["fits_budget"]}
+        uniform = {k: u for k, u in fits.items() if not any(dominates(v["genome"], u["genome"]) for v in fits.values())}
         entries = {name: (s["best"]["genome"], s["best"]["cost"]) for name, s in candidates.items()}
         entries.update({f"uniform {k}": (u["genome"], u["cost"]) for k, u in uniform.items()})
         finals = {name: [finish(f"{model}-{name.replace(' ', '-')}-{kind}{limit}-s{seed}", genome, seed) for seed in seeds]
@@ -134,9 +145,11 @@ def main() -> None:
         others = {steps: search(f"tau{a.tau}-metaquant{steps}", steps=steps, strategy="random", evaluations=a.tau)
                   for steps in (a.tau_meta_steps if a.tau else [])}  # the proxy's quality against MetaQuantNet's training length
         reports = runner.results()
-        for name, (_, cost) in entries.items():
+        for name, (genome, cost) in entries.items():
             reps = [reports[run_dir] for run_dir, _ in finals[name]]
+            abits = statistics.mean(genome[len(space.wgenes):]) if ach else a.abits  # unweighted, over the searched tensors
             rows.append({"model": model, "budget": f"{kind} <= {limit}", "policy": name, "avg_wbits": cost["avg_wbits"],
+                         "avg_abits": round(abits, 2),
                          "weight_kb": cost["weight_kb"], "gbops": cost["gbops"], "seeds": len(reps),
                          "quant_top1": mean_std([r["quant_top1"] for r in reps]),
                          "proxy": f"{candidates[name]['best']['top1']:.2f} / {candidates[name]['best']['kl']:.4f}" if name in candidates else "-",
@@ -147,8 +160,14 @@ def main() -> None:
             top1s = [round(statistics.mean(vals), 3) for vals in zip(*by_seed.values(), strict=True)]
             fit_mq = [c["fitness"] for c in mq["candidates"]]
             fit_rt = [by_genome[tuple(c["genome"])]["fitness"] for c in mq["candidates"]]
+            genomes = [tuple(c["genome"]) for c in mq["candidates"]]
+            calib = calibration_split(load_dataset(None, "train"), 1024, 0, SearchConfig().holdout)[0].images[:256]
+            fisher = predicted_losses(space, space_model, calib, genomes)  # the sensitivity baseline's estimate
             payload["tau"][model] = {"policies": len(top1s), "metaquant": round(kendall_tau(fit_mq, top1s), 3),
-                                     "rtn_proxy": round(kendall_tau(fit_rt, top1s), 3), "final_top1": top1s,
+                                     "rtn_proxy": round(kendall_tau(fit_rt, top1s), 3),
+                                     "fisher_proxy": round(kendall_tau([-v for v in fisher], top1s), 3),
+                                     "cost_only": round(kendall_tau([Budget(kind, 1.0).value(space.cost(g)) for g in genomes], top1s), 3),
+                                     "final_top1": top1s,
                                      "final_spread": round(max(top1s) - min(top1s), 2),
                                      "final_std": round(statistics.pstdev(top1s), 3), "seeds": tau_seeds}
             if len(tau_seeds) > 1:
@@ -162,7 +181,8 @@ def main() -> None:
                     kendall_tau([fits[tuple(c["genome"])] for c in mq["candidates"]], top1s), 3)
             print(f"{model} Kendall tau: {payload['tau'][model]}", flush=True)
         legend = (f"Every policy finished by QDrop ({a.iters} iterations per unit, 1024 images); quant_top1: test top-1, mean ± std "
-                  f"over seeds. proxy: the search's own held-out top-1 / KL with its proxy weights. Searches: "
+                  f"over seeds. avg_abits: mean bits of the searchable activation tensors (unweighted). proxy: the search's "
+                  f"own held-out top-1 / KL with its proxy weights. Searches: "
                   f"{a.meta_steps} MetaQuantNet steps, GA {a.population} x {a.generations}. Kendall tau (proxy fitness vs "
                   f"finished top-1 of random policies) in results.json: {json.dumps(payload['tau'])}")
         write_results(a.out, command, rows, {**payload, "settings": {**vars(a), "out": str(a.out)},

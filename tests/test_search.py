@@ -85,6 +85,24 @@ def test_unreachable_budget_names_the_smallest_reachable():
         space.check_budget(Budget("avg_wbits", 1.5))
 
 
+def test_budget_named_by_a_uniform_policy_is_its_cost():
+    _, space = space_for(resnet20(), achoices=(2, 3, 4))
+    w3a3, w2 = space.cost(space.uniform(3, 3)), space.cost(space.uniform(2, 2))
+    assert space.budget("bops", "W3A3") == Budget("bops", w3a3["bops"])
+    assert space.budget("weight_kb", "1.1xW2").limit == pytest.approx(1.1 * w2["weight_kb"])
+    assert space.budget("avg_wbits", "2.5") == Budget("avg_wbits", 2.5)
+    assert space.cost(space.uniform(2, 4))["bops"] < space.budget("bops", "W3A3").limit < space.cost(space.uniform(4, 4))["bops"]
+    with pytest.raises(ConfigError, match="needs the activation bits"):
+        space.budget("bops", "W3")
+    with pytest.raises(ConfigError, match=r"give a number or a uniform policy such as W3A3"):
+        space.budget("bops", "three")
+
+
+def test_search_refuses_a_malformed_budget(tmp_path):
+    res = runner.invoke(app, ["search", "--bops", "W3Z3", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 2 and "'W3Z3': give a number or a uniform policy" in res.output
+
+
 def test_search_then_quantize_with_the_policy(tmp_path, small_data):
     out = tmp_path / "search"
     args = ["search", "--model", "resnet20", "--avg-wbits", "2.5", "--wbits-choices", "2,3,4", "--abits", "4",
@@ -144,6 +162,27 @@ def test_sensitivity_knapsack_respects_budget_and_protects_sensitive_layers():
     g = sensitivity_genome(space, budget, {**traces, sensitive: 1e9}, errors)
     assert g[1] == 8 and space.cost(g)["avg_wbits"] <= 4.5
     assert sensitivity_genome(space, budget, {n: 0.0 for n in traces}, errors) is not None
+
+
+def test_sensitivity_greedy_with_activation_bits_respects_bops_and_protects_sensitive_tensors():
+    from metaaug.search.sensitivity import act_losses, greedy_genome, weight_losses
+
+    torch.manual_seed(0)
+    q, space = space_for(TinyNet(), wchoices=(2, 4, 8), achoices=(2, 4, 8))
+    images = torch.randn(16, 1, 28, 28)
+    wl, al = weight_losses(q, images, space.wchoices), act_losses(q, images, space.achoices)
+    assert {tuple(g) for g in space.agroups} <= set(al) and all(al[k][2] > al[k][4] > al[k][8] > 0 for k in al)
+    assert all(wl[n][2] > wl[n][4] > wl[n][8] for n in space.wgenes)
+    budget = space.budget("bops", "W4A4")
+    g = greedy_genome(space, budget, wl, al)
+    assert space.cost(g)["bops"] <= budget.limit
+    raised = [h for i in range(space.length) for b in space.gene_choices(i) if b > g[i]
+              for h in [(*g[:i], b, *g[i + 1:])] if space.cost(h)["bops"] <= budget.limit]
+    assert not raised  # the room left is used: no gene can be raised within the budget
+    sensitive = space.length - 1  # the last activation gene
+    key = tuple(space.agroups[-1])
+    g = greedy_genome(space, budget, wl, {**al, key: {2: 1e9, 4: 1e8, 8: 0.0}})
+    assert g[sensitive] == 8 and space.cost(g)["bops"] <= budget.limit
 
 
 def test_ray_scoring_gives_the_serial_result():

@@ -11,6 +11,8 @@ from metaaug.cli.app import app, console, friendly, out_console
 from metaaug.cli.progress import RichPhases
 from metaaug.errors import ConfigError
 
+SPEC = "; or a uniform policy's: W3A3, 1.1xW2"
+
 
 def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
     if text is None:
@@ -29,11 +31,11 @@ def search(
     wbits_choices: Annotated[str, typer.Option(help="weight bit-widths to search, e.g. 2,3,4,8")] = "2,3,4,8",
     abits_choices: Annotated[str | None, typer.Option(help="activation bit-widths to search (default: weights only, at --abits)")] = None,
     abits: Annotated[int, typer.Option(help="activation bits when they are not searched")] = 4,
-    avg_wbits: Annotated[float | None, typer.Option(help="budget: average weight bits (parameter-weighted)")] = None,
-    weight_kb: Annotated[float | None, typer.Option(help="budget: weight memory in KB (packed-format accounting)")] = None,
-    weight_vs_w8: Annotated[float | None, typer.Option(help="budget: weight memory as a fraction of uniform W8")] = None,
-    bops_vs_w8a8: Annotated[float | None, typer.Option(help="budget: BOPs as a fraction of uniform W8A8")] = None,
-    bops: Annotated[float | None, typer.Option(help="budget: BOPs (MACs x wbits x abits) per image")] = None,
+    avg_wbits: Annotated[str | None, typer.Option(help=f"budget: average weight bits (parameter-weighted){SPEC}")] = None,
+    weight_kb: Annotated[str | None, typer.Option(help=f"budget: weight memory in KB (packed-format accounting){SPEC}")] = None,
+    weight_vs_w8: Annotated[str | None, typer.Option(help=f"budget: weight memory as a fraction of uniform W8{SPEC}")] = None,
+    bops_vs_w8a8: Annotated[str | None, typer.Option(help=f"budget: BOPs as a fraction of uniform W8A8{SPEC}")] = None,
+    bops: Annotated[str | None, typer.Option(help=f"budget: BOPs (MACs x wbits x abits) per image{SPEC}")] = None,
     generations: Annotated[int, typer.Option(help="GA generations")] = 20,
     population: Annotated[int, typer.Option(help="GA population")] = 50,
     meta_steps: Annotated[int, typer.Option(help="MetaQuantNet training steps (0 = the round-to-nearest proxy)")] = 1000,
@@ -70,8 +72,10 @@ def search(
     with RichPhases(console) as prog:
         summary = run_search(cfg, out, device, prog, ray=ray or ray_address is not None, ray_address=ray_address)
     best = summary["best"]
+    limit = summary["budget"]["limit"]
+    named = "" if limit == cfg.budget else f" ({cfg.budget})"
     out_console.print(f"policy: {out / 'policy.json'}  ({kind} {best['cost'][{'weight_vs_w8': 'weight_vs_w8a8'}.get(kind, kind)]:g} "
-                      f"<= {limit:g}, avg weight bits {best['cost']['avg_wbits']:.3f}, held-out top-1 {best['top1']:.2f}, "
+                      f"<= {limit:g}{named}, avg weight bits {best['cost']['avg_wbits']:.3f}, held-out top-1 {best['top1']:.2f}, "
                       f"KL {best['kl']:.4f})")
     for name, u in summary["uniform"].items():
         out_console.print(f"  uniform {name}: avg bits {u['cost']['avg_wbits']:.3f}, top-1 {u['top1']:.2f}, KL {u['kl']:.4f}"

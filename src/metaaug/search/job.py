@@ -27,7 +27,7 @@ from metaaug.quant.prepare import QuantSpec, prepare
 from metaaug.recon.engine import threads
 from metaaug.search.genetic import GAConfig, GAState, best_genome, genetic_search, random_search
 from metaaug.search.metaquant import MetaQuantConfig, MetaQuantNet, train_step
-from metaaug.search.space import Budget, Genome, SearchSpace
+from metaaug.search.space import Budget, Genome, SearchSpace, budget_number
 from metaaug.store import RunStore
 
 PROXIES = ("metaquant", "rtn")
@@ -47,7 +47,7 @@ class SearchConfig:
     abits_choices: tuple[int, ...] | None = None  # None: weights only, every activation at `abits`
     abits: int = 4
     budget_kind: str = "avg_wbits"
-    budget: float = 3.0
+    budget: float | str = 3.0  # a number, or a uniform policy's cost: "W3A3", "1.1xW2"
     calib_size: int = 1024
     holdout: float = 0.2
     seed: int = 0
@@ -55,7 +55,7 @@ class SearchConfig:
     proxy: str = "metaquant"
     meta_images: int = 0  # extra unlabeled train images (never calibration or held-out ones) for MetaQuantNet; 0 = PTQ's set
     fitness: str = "kl"  # kl: -KL to the FP logits (label-free, continuous); top1: held-out accuracy, KL breaking ties
-    strategy: str = "ga"  # ga; random (same proxy, `evaluations` candidates); sensitivity (Fisher x error knapsack)
+    strategy: str = "ga"  # ga; random (same proxy, `evaluations` candidates); sensitivity (Fisher x error knapsack, greedy with activation bits)
     evaluations: int | None = None  # random search: candidates to score (default population x generations)
     meta: MetaQuantConfig = field(default_factory=MetaQuantConfig)
     ga: GAConfig = field(default_factory=GAConfig)
@@ -77,7 +77,9 @@ class SearchConfig:
             raise ConfigError(f"unknown fitness {self.fitness!r}; use one of {', '.join(FITNESS)}")
         if not 0 < self.holdout < 1:
             raise ConfigError(f"the search scores candidates on a held-out split: --holdout must be in (0, 1), got {self.holdout}")
-        Budget(self.budget_kind, self.budget)
+        number = budget_number(self.budget)
+        self.budget = self.budget if number is None else number
+        Budget(self.budget_kind, 1.0 if number is None else number)
 
 
 def _genome_key(g: Genome) -> str:
@@ -194,7 +196,6 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
     t0 = time.perf_counter()
     progress = progress or QuietPhases()
     out, dev = Path(out), resolve_device(device)
-    budget = Budget(cfg.budget_kind, cfg.budget)
     model = build_model(cfg.model, cfg.weights)
     train = load_dataset(cfg.data_dir, "train")
     calib, hold = calibration_split(train, cfg.calib_size, cfg.seed, cfg.holdout)
@@ -209,6 +210,7 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
         meta_images = torch.cat([calib.images, train.images[pick]])
     qmodel = prepare(model, QuantSpec(8, 8), "layer").to(dev)
     space = SearchSpace(qmodel, calib.images, cfg.wbits_choices, cfg.abits_choices, cfg.abits)
+    budget = space.budget(cfg.budget_kind, cfg.budget)
     space.check_budget(budget)
     RunStore(out, {"kind": "search", **dataclasses.asdict(cfg)})  # claims the folder; refuses another config
     torch.manual_seed(cfg.seed)
@@ -255,9 +257,9 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
         progress.advance(state.generation if state else 0, "resumed" if state else "")
         state = random_search(space, budget, n, cfg.ga.population, evaluate, cfg.seed, state, on_generation)
     else:
-        from metaaug.search.sensitivity import fisher_traces, quant_errors, sensitivity_genome
+        from metaaug.search.sensitivity import sensitivity_search
 
-        g = sensitivity_genome(space, budget, fisher_traces(qmodel, calib.images[:256]), quant_errors(qmodel, space.wchoices))
+        g = sensitivity_search(space, budget, qmodel, calib.images[:256])
         state = GAState(scores={g: {**evaluate([g])[0], "generation": 0, "cost": budget.value(space.cost(g))}})
     _save_state(out / STATE_FILE, state)
     best = best_genome(state, budget)
@@ -266,7 +268,7 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
     cost = space.cost(best)
     summary = {
         "best": {"genome": list(best), **state.scores[best], "cost": cost},
-        "budget": {"kind": cfg.budget_kind, "limit": cfg.budget},
+        "budget": {"kind": cfg.budget_kind, "limit": budget.limit, "spec": cfg.budget},
         "uniform": {k: {"genome": list(g), **uniform_scores[k], "cost": space.cost(g),
                         "fits_budget": budget.value(space.cost(g)) <= budget.limit} for k, g in uniform.items()},
         "candidates": [{"genome": list(g), **r, "avg_wbits": space.cost(g)["avg_wbits"]} for g, r in state.scores.items()],

@@ -8,6 +8,7 @@ last layers stay at 8 bits, as in the QDrop setting.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,28 @@ class Budget:
     def value(self, cost: dict) -> float:
         return {"avg_wbits": cost["avg_wbits"], "weight_kb": cost["weight_kb"], "weight_vs_w8": cost["weight_vs_w8a8"],
                 "bops": cost["bops"], "bops_vs_w8a8": cost["bops_vs_w8a8"]}[self.kind]
+
+
+_UNIFORM_SPEC = re.compile(r"(?:(\d+(?:\.\d+)?)\s*[x*]\s*)?W(\d+)(?:A(\d+))?", re.IGNORECASE)
+
+
+def uniform_spec(spec: str) -> tuple[float, int, int | None]:
+    """'W3A3' -> (1.0, 3, 3); '1.1xW2' -> (1.1, 2, None): a budget stated as a multiple of a uniform policy's cost,
+    which is how budgets are compared ("the BOPs of W3A3"), so users need not look the absolute figure up."""
+    m = _UNIFORM_SPEC.fullmatch(spec.strip())
+    if m is None:
+        raise ConfigError(f"budget {spec!r}: give a number or a uniform policy such as W3A3 or 1.1xW2")
+    factor = float(m[1]) if m[1] else 1.0
+    return factor, check_bits(int(m[2]), f"budget {spec!r}"), check_bits(int(m[3]), f"budget {spec!r}") if m[3] else None
+
+
+def budget_number(spec: float | str) -> float | None:
+    """The budget as a number, None if it names a uniform policy (checked for syntax here)."""
+    try:
+        return float(spec)
+    except ValueError:
+        uniform_spec(str(spec))
+        return None
 
 
 def _choices(values: tuple[int, ...], what: str) -> tuple[int, ...]:
@@ -87,6 +110,22 @@ class SearchSpace:
         c = policy_cost(self.infos, self.policy(genome).layers)
         c.pop("layers")
         return c
+
+    def budget(self, kind: str, spec: float | str) -> Budget:
+        """A budget from a number or a uniform policy ('W3A3', '1.1xW2': 1.1 x uniform W2's cost). Uniform means
+        every searchable layer at those bits, first and last at 8, like the uniform policies the search reports."""
+        number = budget_number(spec)
+        if number is not None:
+            return Budget(kind, number)
+        factor, wbits, abits = uniform_spec(str(spec))
+        if abits is None and kind.startswith("bops") and self.achoices:
+            raise ConfigError(f"budget {spec!r}: a BOPs budget needs the activation bits too, e.g. W{wbits}A{wbits}")
+        bits = {p: LayerBits(wbits if p in self.wgenes else EDGE_BITS, EDGE_BITS) for p in self.layers}
+        for group in self.agroups:
+            for layer in group:
+                bits[layer] = LayerBits(bits[layer].wbits, abits or self.abits)
+        cost = policy_cost(self.infos, bits)
+        return Budget(kind, factor * Budget(kind, 1.0).value(cost))
 
     def lowest(self) -> Genome:
         return tuple(min(self.gene_choices(i)) for i in range(self.length))
