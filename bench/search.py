@@ -35,9 +35,10 @@ from metaaug.data import calibration_split, load_dataset
 from metaaug.models.registry import build_model
 from metaaug.pipeline import RunConfig
 from metaaug.quant import QuantSpec, prepare
-from metaaug.search import Budget, GAConfig, MetaQuantConfig, SearchConfig, SearchSpace, run_search
+from metaaug.search import GAConfig, MetaQuantConfig, SearchConfig, SearchSpace, run_search
 from metaaug.search.job import NET_FILE
 from metaaug.search.sensitivity import predicted_losses
+from metaaug.search.space import cost_value
 from tables import mean_std, write_results
 
 
@@ -166,7 +167,7 @@ def main() -> None:
             payload["tau"][model] = {"policies": len(top1s), "metaquant": round(kendall_tau(fit_mq, top1s), 3),
                                      "rtn_proxy": round(kendall_tau(fit_rt, top1s), 3),
                                      "fisher_proxy": round(kendall_tau([-v for v in fisher], top1s), 3),
-                                     "cost_only": round(kendall_tau([Budget(kind, 1.0).value(space.cost(g)) for g in genomes], top1s), 3),
+                                     "cost_only": round(kendall_tau([cost_value(kind, space.cost(g)) for g in genomes], top1s), 3),
                                      "final_top1": top1s,
                                      "final_spread": round(max(top1s) - min(top1s), 2),
                                      "final_std": round(statistics.pstdev(top1s), 3), "seeds": tau_seeds}

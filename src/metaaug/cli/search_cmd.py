@@ -55,6 +55,7 @@ def search(
     """Train MetaQuantNet once, search per-layer bits with a genetic algorithm under one budget, write policy.json.
     Finish the policy with `metaaug quantize --policy DIR/policy.json`."""
     from metaaug.search import GAConfig, MetaQuantConfig, SearchConfig, run_search
+    from metaaug.search.space import cost_value
 
     budgets = {k: v for k, v in {"avg_wbits": avg_wbits, "weight_kb": weight_kb, "weight_vs_w8": weight_vs_w8,
                                  "bops_vs_w8a8": bops_vs_w8a8, "bops": bops}.items() if v is not None}
@@ -74,7 +75,7 @@ def search(
     best = summary["best"]
     limit = summary["budget"]["limit"]
     named = "" if limit == cfg.budget else f" ({cfg.budget})"
-    out_console.print(f"policy: {out / 'policy.json'}  ({kind} {best['cost'][{'weight_vs_w8': 'weight_vs_w8a8'}.get(kind, kind)]:g} "
+    out_console.print(f"policy: {out / 'policy.json'}  ({kind} {cost_value(kind, best['cost']):g} "
                       f"<= {limit:g}{named}, avg weight bits {best['cost']['avg_wbits']:.3f}, held-out top-1 {best['top1']:.2f}, "
                       f"KL {best['kl']:.4f})")
     for name, u in summary["uniform"].items():

@@ -141,17 +141,17 @@ def greedy_genome(space: SearchSpace, budget: Budget, wloss: dict[str, dict[int,
     def value(g: list[int]) -> float:
         return budget.value(space.cost(tuple(g)))
 
-    def moves(g: list[int], step: int) -> list[tuple[float, list[int]]]:
-        """(predicted loss change per unit of cost change, genome) for every one-step move of one gene."""
+    def moves(g: list[int], step: int) -> list[tuple[float, list[int], float]]:
+        """(predicted loss change per unit of cost change, genome, its cost) for every one-step move of one gene."""
         here, out = value(g), []
         for i in range(space.length):
             ch = space.gene_choices(i)
             k = ch.index(g[i]) + step
             if 0 <= k < len(ch):
                 h = [*g[:i], ch[k], *g[i + 1:]]
-                dc = abs(value(h) - here)
-                if dc > 0:
-                    out.append(((table[i][ch[k]] - table[i][g[i]]) / dc, h))
+                cost = value(h)
+                if cost != here:
+                    out.append(((table[i][ch[k]] - table[i][g[i]]) / abs(cost - here), h, cost))
         return out
 
     g = list(space.highest())
@@ -161,7 +161,7 @@ def greedy_genome(space: SearchSpace, budget: Budget, wloss: dict[str, dict[int,
             space.check_budget(budget)
         g = min(options, key=lambda m: m[0])[1]
     while True:
-        options = [(r, h) for r, h in moves(g, +1) if value(h) <= budget.limit and r < 0]
+        options = [m for m in moves(g, +1) if m[2] <= budget.limit and m[0] < 0]
         if not options:
             return tuple(g)
         g = min(options, key=lambda m: m[0])[1]

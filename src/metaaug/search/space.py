@@ -40,8 +40,12 @@ class Budget:
             raise ConfigError(f"budget {self.kind} must be positive, got {self.limit}")
 
     def value(self, cost: dict) -> float:
-        return {"avg_wbits": cost["avg_wbits"], "weight_kb": cost["weight_kb"], "weight_vs_w8": cost["weight_vs_w8a8"],
-                "bops": cost["bops"], "bops_vs_w8a8": cost["bops_vs_w8a8"]}[self.kind]
+        return cost_value(self.kind, cost)
+
+
+def cost_value(kind: str, cost: dict) -> float:
+    """The figure of a `policy_cost` dict that a budget of `kind` bounds."""
+    return cost["weight_vs_w8a8" if kind == "weight_vs_w8" else kind]
 
 
 _UNIFORM_SPEC = re.compile(r"(?:(\d+(?:\.\d+)?)\s*[x*]\s*)?W(\d+)(?:A(\d+))?", re.IGNORECASE)
@@ -125,7 +129,7 @@ class SearchSpace:
             for layer in group:
                 bits[layer] = LayerBits(bits[layer].wbits, abits or self.abits)
         cost = policy_cost(self.infos, bits)
-        return Budget(kind, factor * Budget(kind, 1.0).value(cost))
+        return Budget(kind, factor * cost_value(kind, cost))
 
     def lowest(self) -> Genome:
         return tuple(min(self.gene_choices(i)) for i in range(self.length))
