@@ -132,17 +132,28 @@ def main() -> None:
             tau_runs = {seed: [finish(f"{model}-tau-{i}-{kind}{limit}-s{seed}", c["genome"], seed) for i, c in enumerate(mq["candidates"])]
                         for seed in tau_seeds}
             runner.submit([job for runs in tau_runs.values() for job in runs])
-        ga = search("ga-metaquant")
-        candidates = {"ga-metaquant": ga, "ga-rtn-proxy": search("ga-rtn-proxy", proxy="rtn"),
-                      "random-metaquant": search("random-metaquant", strategy="random", evaluations=ga["evaluated"]),
-                      "sensitivity": search("sensitivity", strategy="sensitivity", proxy="rtn")}
-        fits = {k: u for k, u in ga["uniform"].items() if u["fits_budget"]}
-        uniform = {k: u for k, u in fits.items() if not any(dominates(v["genome"], u["genome"]) for v in fits.values())}
-        entries = {name: (s["best"]["genome"], s["best"]["cost"]) for name, s in candidates.items()}
-        entries.update({f"uniform {k}": (u["genome"], u["cost"]) for k, u in uniform.items()})
-        finals = {name: [finish(f"{model}-{name.replace(' ', '-')}-{kind}{limit}-s{seed}", genome, seed) for seed in seeds]
-                  for name, (genome, _) in entries.items()}
-        runner.submit([job for runs in finals.values() for job in runs])
+        budget = space.budget(kind, limit)
+        fits = {k: g for k, g in space.uniform_policies().items() if budget.value(space.cost(g)) <= budget.limit}
+        entries = {f"uniform {k}": (list(g), space.cost(g)) for k, g in fits.items()
+                   if not any(dominates(v, g) for v in fits.values())}
+        finals: dict[str, list[tuple[str, RunConfig]]] = {}
+
+        def runs_of(name: str, genome: list[int], model: str = model, finish=finish) -> list[tuple[str, RunConfig]]:
+            return [finish(f"{model}-{name.replace(' ', '-')}-{kind}{limit}-s{seed}", genome, seed) for seed in seeds]
+
+        for name, (genome, _) in entries.items():  # each policy's runs start as soon as it is known: these first
+            finals[name] = runs_of(name, genome)
+            runner.submit(finals[name])
+        candidates: dict[str, dict] = {}
+        for name, kw in (("ga-metaquant", {}), ("ga-rtn-proxy", {"proxy": "rtn"}), ("random-metaquant", {"strategy": "random"}),
+                         ("sensitivity", {"strategy": "sensitivity", "proxy": "rtn"})):
+            if name == "random-metaquant":
+                kw["evaluations"] = candidates["ga-metaquant"]["evaluated"]
+            s = candidates[name] = search(name, **kw)
+            entries[name] = (s["best"]["genome"], s["best"]["cost"])
+            finals[name] = runs_of(name, s["best"]["genome"])
+            runner.submit(finals[name])  # while the next search runs
+        entries = {name: entries[name] for name in [*candidates, *(k for k in entries if k not in candidates)]}  # table order
         others = {steps: search(f"tau{a.tau}-metaquant{steps}", steps=steps, strategy="random", evaluations=a.tau)
                   for steps in (a.tau_meta_steps if a.tau else [])}  # the proxy's quality against MetaQuantNet's training length
         reports = runner.results()

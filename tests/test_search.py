@@ -98,6 +98,16 @@ def test_budget_named_by_a_uniform_policy_is_its_cost():
         space.budget("bops", "three")
 
 
+def test_uniform_policies_name_every_choice_and_meet_their_own_budget():
+    _, space = space_for(resnet20(), achoices=(2, 4))
+    policies = space.uniform_policies()
+    assert list(policies) == ["W2A2", "W2A4", "W3A2", "W3A4", "W4A2", "W4A4"]
+    assert policies["W3A2"] == space.uniform(3, 2)
+    w3a2 = space.budget("bops", "W3A2")
+    assert w3a2.value(space.cost(policies["W3A2"])) == pytest.approx(w3a2.limit)
+    assert list(space_for(TinyNet())[1].uniform_policies()) == ["W2A4", "W3A4", "W4A4"]  # activations fixed at --abits
+
+
 def test_search_refuses_a_malformed_budget(tmp_path):
     res = runner.invoke(app, ["search", "--bops", "W3Z3", "--out", str(tmp_path / "s")])
     assert res.exit_code == 2 and "'W3Z3': give a number or a uniform policy" in res.output

@@ -235,8 +235,7 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
     if ray:
         evaluate = _ray_scorer(model, net, space, hold, fp, cfg.fitness, ray_address)
 
-    uniform = {f"W{w}" + (f"A{a}" if space.achoices else f"A{cfg.abits}"): space.uniform(w, a)
-               for w in space.wchoices for a in (space.achoices or (None,))}
+    uniform = space.uniform_policies()
     uniform_scores = dict(zip(uniform, evaluate(list(uniform.values())), strict=True))
     fits = [g for g in uniform.values() if budget.value(space.cost(g)) <= budget.limit]
 

@@ -110,6 +110,10 @@ class SearchSpace:
     def uniform(self, wbits: int, abits: int | None = None) -> Genome:
         return tuple([wbits] * len(self.wgenes) + ([abits or self.abits] * len(self.agroups) if self.achoices else []))
 
+    def uniform_policies(self) -> dict[str, Genome]:
+        """Every uniform policy of the choices, by name ('W2A4'): the reference points a search is compared with."""
+        return {f"W{w}A{a or self.abits}": self.uniform(w, a) for w in self.wchoices for a in (self.achoices or (None,))}
+
     def cost(self, genome: Genome) -> dict:
         c = policy_cost(self.infos, self.policy(genome).layers)
         c.pop("layers")
