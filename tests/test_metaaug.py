@@ -47,6 +47,24 @@ def test_transform_is_identity_at_init():
     assert torch.equal(t3(x3), x3)
 
 
+def test_t_conditioned_on_the_block_starts_shared_and_learns_one_modulation_per_meta_unit():
+    x = torch.randn(4, 1, 28, 28)
+    t = TransformNet(1, 8, units=3)
+    assert torch.equal(t(x, 0), x) and torch.equal(t(x, 2), x)
+    with pytest.raises(ValueError, match="give the unit index"):
+        t(x)
+    torch.manual_seed(0)
+    q = prepare(randomize_bn(TinyNet()), QuantSpec(2, 2))
+    eng = MetaAugReconstructor(q, MetaAugConfig(iters=2, meta_iters=3, meta_batch=4, lr_t=1e-2, t_per_unit=True), seed=0)
+    eng.run(torch.randn(6, 1, 28, 28))
+    film = eng.tnet.film.detach()
+    assert film.shape[0] == len(q.unit_names)
+    assert [bool(film[k].abs().sum() > 0) for k in range(len(q.unit_names))] == [
+        k in eng.meta_units for k in range(len(q.unit_names))]  # stem and head take no meta steps: their rows stay 0
+    first, second = eng.meta_units[:2]
+    assert not torch.equal(eng.tnet(x, first), eng.tnet(x, second))
+
+
 def test_margin_is_zero_once_t_moves_x_by_more_than_eps():
     x = torch.zeros(4, 1, 8, 8)
     assert float(margin(x + 0.5, x, eps=0.1)) == 0.0  # mean squared change 0.25 > 0.1

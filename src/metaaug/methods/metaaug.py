@@ -47,7 +47,7 @@ class MetaAugReconstructor(Reconstructor):
         gen = torch.Generator().manual_seed(self.seed * 7 + 1)
         self.calib = images
         torch.manual_seed(self.seed * 7 + 2)
-        self.tnet = TransformNet(images.shape[1], cfg.t_width).to(self.device)
+        self.tnet = TransformNet(images.shape[1], cfg.t_width, len(qm.unit_names) if cfg.t_per_unit else 0).to(self.device)
         self.t_opt = torch.optim.Adam(self.tnet.parameters(), lr=cfg.lr_t)
         self.gen = gen
         self.val_images, self.validation = self.validation_images(images, gen)
@@ -149,7 +149,7 @@ class MetaAugReconstructor(Reconstructor):
         cfg: MetaAugConfig = self.cfg
         n, b = self.calib.shape[0], cfg.meta_batch
         x = self.calib[torch.randint(n, (b * cfg.inner_steps,), generator=self.gen)].to(self.device)
-        tx = self.tnet(x)
+        tx = self.tnet(x, k)
         q_in, fp_in = self._prefix(k, tx)
         with fp_mode(self.qmodel):
             fp_out = unit(*fp_in)
@@ -294,11 +294,11 @@ class MetaAugReconstructor(Reconstructor):
         self.curves[self.qmodel.unit_names[k]] = curve
         self.meta_log.append(self._summary(k, steps, secs, curve))
         with torch.no_grad():
-            self.snapshots.append((self.qmodel.unit_names[k], self.tnet(self.calib[:8].to(self.device)).cpu()))
+            self.snapshots.append((self.qmodel.unit_names[k], self.tnet(self.calib[:8].to(self.device), k).cpu()))
 
     @torch.no_grad()
     def _transformed_data(self, k: int, unit: nn.Module) -> UnitData:
-        tx = map_chunks(self.tnet, (self.calib,), 256, self.device, torch.device(self.cfg.cache_device))
+        tx = map_chunks(lambda x: self.tnet(x, k), (self.calib,), 256, self.device, torch.device(self.cfg.cache_device))
         cache = torch.device(self.cfg.cache_device)
         q = GraphStepper(self.qmodel, tx, self.device, cache).advance_to(k)
         with fp_mode(self.qmodel):

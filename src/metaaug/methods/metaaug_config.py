@@ -54,6 +54,7 @@ class MetaAugConfig(QDropConfig):
     balance: str = "cap"
     aux_cap: float = 0.5
     t_width: int = 16
+    t_per_unit: bool = False
     use_transformed: bool = True
     val_views: int = 0
     val_synth: str | None = None
