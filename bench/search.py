@@ -10,8 +10,8 @@ within the budget, scores them with both proxies and finishes each (`--tau-seeds
 tau per proxy against the mean over those seeds (MetaQuantNet, round-to-nearest, the sensitivity baseline's
 diagonal-Fisher loss estimate, and the budgeted cost alone: what any proxy must beat), and with two or more seeds
 the tau between seeds (the ceiling any proxy can reach when the finished accuracies differ by little more than seed
-noise). Finishing runs go `--jobs N` at once; the tau policies' runs start as soon as their two quick searches are
-done, while the GA searches go on.
+noise). Finishing runs go `--jobs N` at once, each policy's as soon as it is known: the tau policies' and the
+uniform policies' first, then each search's as it finishes, while the next search runs.
 """
 
 from __future__ import annotations
