@@ -128,12 +128,7 @@ class SearchSpace:
         factor, wbits, abits = uniform_spec(str(spec))
         if abits is None and kind.startswith("bops") and self.achoices:
             raise ConfigError(f"budget {spec!r}: a BOPs budget needs the activation bits too, e.g. W{wbits}A{wbits}")
-        bits = {p: LayerBits(wbits if p in self.wgenes else EDGE_BITS, EDGE_BITS) for p in self.layers}
-        for group in self.agroups:
-            for layer in group:
-                bits[layer] = LayerBits(bits[layer].wbits, abits or self.abits)
-        cost = policy_cost(self.infos, bits)
-        return Budget(kind, factor * cost_value(kind, cost))
+        return Budget(kind, factor * cost_value(kind, self.cost(self.uniform(wbits, abits))))
 
     def lowest(self) -> Genome:
         return tuple(min(self.gene_choices(i)) for i in range(self.length))
