@@ -10,8 +10,11 @@ within the budget, scores them with both proxies and finishes each (`--tau-seeds
 tau per proxy against the mean over those seeds (MetaQuantNet, round-to-nearest, the sensitivity baseline's
 diagonal-Fisher loss estimate, and the budgeted cost alone: what any proxy must beat), and with two or more seeds
 the tau between seeds (the ceiling any proxy can reach when the finished accuracies differ by little more than seed
-noise). Finishing runs go `--jobs N` at once, each policy's as soon as it is known: the tau policies' and the
-uniform policies' first, then each search's as it finishes, while the next search runs.
+noise). `--prior FILE` adds the finishing runs of an earlier invocation of the same cell (its results.json) for
+the seeds this one does not run, after checking that its settings and the policies its searches found are the
+same: a cell gains a seed without redoing the seeds it has (the earlier tau, if this run has none, is kept).
+Finishing runs go `--jobs N` at once, each policy's as soon as it is known: the tau policies' and the uniform
+policies' first, then each search's as it finishes, while the next search runs.
 """
 
 from __future__ import annotations
@@ -67,6 +70,24 @@ def dominates(a: list[int], b: list[int]) -> bool:
     return a != b and all(x >= y for x, y in zip(a, b, strict=True))
 
 
+SAME_CELL = ("models", "budget", "wbits_choices", "abits_choices", "abits", "iters", "set", "meta_steps", "generations", "population")
+
+
+def load_prior(path: Path, a: argparse.Namespace) -> dict:
+    """An earlier invocation's results.json, refused unless it measured the same cell."""
+    if not path.is_file():
+        sys.exit(f"--prior {path}: no such file")
+    prior = json.loads(path.read_text())
+    diff = [k for k in SAME_CELL if prior["settings"].get(k) != getattr(a, k)]
+    if diff:
+        sys.exit(f"--prior {path} measured another cell (differs in: {', '.join(diff)})")
+    return {**prior, "path": str(path), "seeds": [int(v) for v in prior["settings"]["seeds"].split(",")]}
+
+
+def run_name(model: str, policy: str, budget: str, seed: int) -> str:
+    return f"{model}-{policy.replace(' ', '-')}-{budget}-s{seed}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
@@ -86,7 +107,9 @@ def main() -> None:
     p.add_argument("--tau-meta-steps", default="", help="also tau for MetaQuantNets trained this many steps, e.g. 50,200")
     p.add_argument("--jobs", type=int, default=1, help="finishing runs at once (worker processes)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--prior", type=Path, action="append", default=[], help="results.json of an earlier run of this cell: its seeds join")
     a = p.parse_args()
+    priors = [load_prior(path, a) for path in a.prior]
     command = "python bench/search.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     kind, _, limit = a.budget.partition("=")
     a.tau_meta_steps = [int(v) for v in a.tau_meta_steps.split(",") if v]
@@ -133,13 +156,13 @@ def main() -> None:
                         for seed in tau_seeds}
             runner.submit([job for runs in tau_runs.values() for job in runs])
         budget = space.budget(kind, limit)
-        fits = {k: g for k, g in space.uniform_policies().items() if budget.value(space.cost(g)) <= budget.limit}
+        fits = {k: g for k, g in space.uniform_policies().items() if budget.fits(space.cost(g))}
         entries = {f"uniform {k}": (list(g), space.cost(g)) for k, g in fits.items()
                    if not any(dominates(v, g) for v in fits.values())}
         finals: dict[str, list[tuple[str, RunConfig]]] = {}
 
         def runs_of(name: str, genome: list[int], model: str = model, finish=finish) -> list[tuple[str, RunConfig]]:
-            return [finish(f"{model}-{name.replace(' ', '-')}-{kind}{limit}-s{seed}", genome, seed) for seed in seeds]
+            return [finish(run_name(model, name, f"{kind}{limit}", seed), genome, seed) for seed in seeds]
 
         for name, (genome, _) in entries.items():  # each policy's runs start as soon as it is known: these first
             finals[name] = runs_of(name, genome)
@@ -150,6 +173,9 @@ def main() -> None:
             if name == "random-metaquant":
                 kw["evaluations"] = candidates["ga-metaquant"]["evaluated"]
             s = candidates[name] = search(name, **kw)
+            for prior in priors:
+                if prior["searches"][f"{model}-{name}"]["best"]["genome"] != s["best"]["genome"]:
+                    sys.exit(f"--prior {prior['path']}: its {name} search found another policy; its seeds cannot join")
             entries[name] = (s["best"]["genome"], s["best"]["cost"])
             finals[name] = runs_of(name, s["best"]["genome"])
             runner.submit(finals[name])  # while the next search runs
@@ -159,6 +185,8 @@ def main() -> None:
         reports = runner.results()
         for name, (genome, cost) in entries.items():
             reps = [reports[run_dir] for run_dir, _ in finals[name]]
+            for prior in priors:  # the same policy's runs on the seeds this invocation does not run
+                reps += [prior["finished"][run_name(model, name, f"{kind}{limit}", seed)] for seed in prior["seeds"] if seed not in seeds]
             abits = statistics.mean(genome[len(space.wgenes):]) if ach else a.abits  # unweighted, over the searched tensors
             rows.append({"model": model, "budget": f"{kind} <= {limit}", "policy": name, "avg_wbits": cost["avg_wbits"],
                          "avg_abits": round(abits, 2),
@@ -192,12 +220,15 @@ def main() -> None:
                 payload["tau"][model][f"metaquant_{steps}_steps"] = round(
                     kendall_tau([fits[tuple(c["genome"])] for c in mq["candidates"]], top1s), 3)
             print(f"{model} Kendall tau: {payload['tau'][model]}", flush=True)
+        elif model in (taus := {m: {**t, "from": prior["path"]} for prior in priors for m, t in prior["tau"].items()}):
+            payload["tau"][model] = taus[model]
+        joined = f" (with those of {', '.join(map(str, a.prior))})" if a.prior else ""
         legend = (f"Every policy finished by QDrop ({a.iters} iterations per unit, 1024 images); quant_top1: test top-1, mean ± std "
-                  f"over seeds. avg_abits: mean bits of the searchable activation tensors (unweighted). proxy: the search's "
+                  f"over seeds{joined}. avg_abits: mean bits of the searchable activation tensors (unweighted). proxy: the search's "
                   f"own held-out top-1 / KL with its proxy weights. Searches: "
                   f"{a.meta_steps} MetaQuantNet steps, GA {a.population} x {a.generations}. Kendall tau (proxy fitness vs "
                   f"finished top-1 of random policies) in results.json: {json.dumps(payload['tau'])}")
-        write_results(a.out, command, rows, {**payload, "settings": {**vars(a), "out": str(a.out)},
+        write_results(a.out, command, rows, {**payload, "settings": {**vars(a), "out": str(a.out), "prior": list(map(str, a.prior))},
                                              "search_config": asdict(SearchConfig())}, legend)
 
 

@@ -1,6 +1,7 @@
 """End-to-end behaviour on the bundled ResNet-20 at tiny iteration counts (accuracy claims live in bench/)."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -63,6 +64,35 @@ def test_resume_after_interrupt_equals_uninterrupted_run(resnet20, calib256, tmp
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
     x = imgs[:16]
     assert torch.equal(full(x), resumed(x))
+
+
+class SlowThenStop(NullProgress):
+    """Each unit starts 0.5 s late (time a run really spends), and the run is killed after `n` units."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def unit_start(self, index, name, iters):
+        time.sleep(0.5)
+
+    def unit_end(self, index, stats):
+        if index + 1 == self.n:
+            raise Interrupt
+
+
+def test_a_resumed_runs_report_counts_the_time_spent_before_the_interrupt(small_data, tmp_path):
+    from metaaug.pipeline import RunConfig, run_job
+
+    cfg = RunConfig(method="qdrop", wbits=2, abits=4, calib_size=32, iters=2, data_dir=str(small_data))
+    with pytest.raises(Interrupt):
+        run_job(cfg, tmp_path, device="cpu", progress=SlowThenStop(6))
+    saved = json.loads((tmp_path / "progress.json").read_text())
+    assert saved["units_done"] == 6 and saved["elapsed"] >= 3.0
+    start = time.perf_counter()
+    report = run_job(cfg, tmp_path, device="cpu")
+    wall = time.perf_counter() - start
+    assert report["resumed_units"] == 6
+    assert saved["elapsed"] + wall - 1.0 <= report["seconds"] <= saved["elapsed"] + wall + 0.1
 
 
 @pytest.mark.parametrize("schedule", ["before", "spread"])

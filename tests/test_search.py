@@ -92,6 +92,10 @@ def test_budget_named_by_a_uniform_policy_is_its_cost():
     assert space.budget("weight_kb", "1.1xW2").limit == pytest.approx(1.1 * w2["weight_kb"])
     assert space.budget("avg_wbits", "2.5") == Budget("avg_wbits", 2.5)
     assert space.cost(space.uniform(2, 4))["bops"] < space.budget("bops", "W3A3").limit < space.cost(space.uniform(4, 4))["bops"]
+    kb = space.budget("weight_kb", "1.1xW2")  # a budget admits the policy it is the cost of, and nothing above it
+    exact = Budget("weight_kb", w2["weight_kb"] * 1.1 / 1.1)
+    assert exact.fits(w2) and kb.fits(w2) and not kb.fits(space.cost(space.uniform(3, 2)))
+    assert space.budget("bops", "W3A3").fits(w3a3) and not Budget("bops", w3a3["bops"] - 1).fits(w3a3)
     with pytest.raises(ConfigError, match="needs the activation bits"):
         space.budget("bops", "W3")
     with pytest.raises(ConfigError, match=r"give a number or a uniform policy such as W3A3"):

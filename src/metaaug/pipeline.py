@@ -135,7 +135,8 @@ def run_job(cfg: RunConfig, out: str | Path, device: str = "auto", progress: Pro
         report["holdout_top1"] = round(top1(qmodel, holdout, device=dev), 2)
     recon = sum(s.seconds - s.extra.get("meta_seconds", 0.0) for s in stats)
     report.update({
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(time.perf_counter() - start + store.prior_seconds, 1),  # an interrupted attempt's time counts
+        "resumed_units": store.resumed_units,
         "recon_seconds": round(recon, 1),
         "units": [dataclasses.asdict(s) for s in stats],
         "unit_plan": [dataclasses.asdict(p) for p in qmodel.unit_plans],

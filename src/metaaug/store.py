@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,9 @@ class RunStore:
                                   "use another --out or delete the folder")
         self.out.mkdir(parents=True, exist_ok=True)
         _atomic_write(cfg_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        self.opened = time.perf_counter()
+        self.prior_seconds = 0.0  # time the run had spent up to its last save before this process: see `elapsed`
+        self.resumed_units = 0
 
     def restore(self, qmodel: QuantModel) -> tuple[int, list]:
         """Load the saved progress into `qmodel`; returns (units done, their stats)."""
@@ -67,7 +71,13 @@ class RunStore:
             return 0, []
         info = json.loads(prog.read_text())
         load_state(qmodel, state)
-        return int(info["units_done"]), [UnitStats(**s) for s in info["units"]]
+        self.resumed_units, self.prior_seconds = int(info["units_done"]), float(info.get("elapsed", 0.0))
+        return self.resumed_units, [UnitStats(**s) for s in info["units"]]
+
+    def elapsed(self) -> float:
+        """Seconds the run has taken so far, across resumes: the time up to the last save of an interrupted attempt
+        counts, so a resumed run reports its whole cost, not only what came after the resume."""
+        return self.prior_seconds + time.perf_counter() - self.opened
 
     def save(self, qmodel: QuantModel, units_done: int, stats: list, method_state: dict | None = None) -> None:
         """Progress after a unit; `method_state` (tensors, numbers, strings, lists, dicts) is what the method needs
@@ -78,7 +88,8 @@ class RunStore:
             os.replace(tmp, self.out / METHOD_STATE)
         save_state(qmodel, self.out / PROGRESS_STATE)
         _atomic_write(self.out / PROGRESS, json.dumps(
-            {"units_done": units_done, "units": [dataclasses.asdict(s) for s in stats]}, indent=2) + "\n")
+            {"units_done": units_done, "units": [dataclasses.asdict(s) for s in stats], "elapsed": round(self.elapsed(), 3)},
+            indent=2) + "\n")
 
     def restore_method_state(self) -> dict | None:
         """The method state saved with the progress (loaded with `weights_only=True`), or None if there is none."""

@@ -97,7 +97,7 @@ def genetic_search(space: SearchSpace, budget: Budget, cfg: GAConfig, evaluate: 
 
 def best_genome(state: GAState, budget: Budget) -> Genome:
     """The best-scoring genome ever evaluated within the budget."""
-    fits = [g for g, r in state.scores.items() if r["cost"] <= budget.limit + 1e-9]
+    fits = [g for g, r in state.scores.items() if budget.within(r["cost"])]
     return max(fits, key=lambda g: _fitness(state.scores[g]))
 
 

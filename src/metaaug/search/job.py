@@ -237,7 +237,7 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
 
     uniform = space.uniform_policies()
     uniform_scores = dict(zip(uniform, evaluate(list(uniform.values())), strict=True))
-    fits = [g for g in uniform.values() if budget.value(space.cost(g)) <= budget.limit]
+    fits = [g for g in uniform.values() if budget.fits(space.cost(g))]
 
     def on_generation(state: GAState) -> None:
         _save_state(out / STATE_FILE, state)
@@ -269,7 +269,7 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
         "best": {"genome": list(best), **state.scores[best], "cost": cost},
         "budget": {"kind": cfg.budget_kind, "limit": budget.limit, "spec": cfg.budget},
         "uniform": {k: {"genome": list(g), **uniform_scores[k], "cost": space.cost(g),
-                        "fits_budget": budget.value(space.cost(g)) <= budget.limit} for k, g in uniform.items()},
+                        "fits_budget": budget.fits(space.cost(g))} for k, g in uniform.items()},
         "candidates": [{"genome": list(g), **r, "avg_wbits": space.cost(g)["avg_wbits"]} for g, r in state.scores.items()],
         "history": state.history, "meta_curve": curve, "strategy": cfg.strategy, "evaluated": len(state.scores),
         "genes": {"wbits": space.wgenes, "abits": space.agroups if space.achoices else []},

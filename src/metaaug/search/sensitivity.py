@@ -155,13 +155,13 @@ def greedy_genome(space: SearchSpace, budget: Budget, wloss: dict[str, dict[int,
         return out
 
     g = list(space.highest())
-    while value(g) > budget.limit:
+    while not budget.within(value(g)):
         options = moves(g, -1)
         if not options:
             space.check_budget(budget)
         g = min(options, key=lambda m: m[0])[1]
     while True:
-        options = [m for m in moves(g, +1) if m[2] <= budget.limit and m[0] < 0]
+        options = [m for m in moves(g, +1) if budget.within(m[2]) and m[0] < 0]
         if not options:
             return tuple(g)
         g = min(options, key=lambda m: m[0])[1]

@@ -42,6 +42,15 @@ class Budget:
     def value(self, cost: dict) -> float:
         return cost_value(self.kind, cost)
 
+    def within(self, value: float) -> bool:
+        """Whether a figure of this budget's kind is inside it; a budget set to a policy's own cost admits that
+        policy despite rounding in the sum."""
+        return value <= self.limit + 1e-9 * max(1.0, abs(self.limit))
+
+    def fits(self, cost: dict) -> bool:
+        """Whether a policy with this `policy_cost` dict is inside the budget."""
+        return self.within(self.value(cost))
+
 
 def cost_value(kind: str, cost: dict) -> float:
     """The figure of a `policy_cost` dict that a budget of `kind` bounds."""
@@ -142,14 +151,14 @@ class SearchSpace:
     def check_budget(self, budget: Budget) -> None:
         """A budget below the cheapest policy is an error that names the smallest reachable value."""
         floor = budget.value(self.cost(self.lowest()))
-        if floor > budget.limit:
+        if not budget.within(floor):
             raise ConfigError(f"no policy meets {budget.kind} <= {budget.limit:g}: the smallest reachable is {floor:g} "
                               f"(every searchable layer at its lowest bits, first/last at {EDGE_BITS})")
 
     def repair(self, genome: Genome, budget: Budget, rng: random.Random) -> Genome:
         """Lower random genes one step until the genome fits the budget (the lowest genome always fits)."""
         g = list(genome)
-        while budget.value(self.cost(tuple(g))) > budget.limit:
+        while not budget.fits(self.cost(tuple(g))):
             lowerable = [i for i in range(self.length) if g[i] > min(self.gene_choices(i))]
             i = rng.choice(lowerable)
             ch = self.gene_choices(i)
