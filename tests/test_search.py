@@ -68,15 +68,57 @@ def test_ga_resumes_to_the_uninterrupted_result(tmp_path):
         pass
 
     def stop_after_two(state):
-        _save_state(tmp_path / "s.json", state)
+        _save_state(tmp_path / "s.json", state, seconds=1.5 * state.generation)
         if state.generation == 2:
             raise Stop
 
     with pytest.raises(Stop):
         genetic_search(space, budget, cfg, fake_fitness, seed=3, on_generation=stop_after_two)
-    resumed = genetic_search(space, budget, cfg, fake_fitness, seed=3, state=_load_state(tmp_path / "s.json"))
+    saved, seconds = _load_state(tmp_path / "s.json")
+    assert seconds == 3.0  # the time spent before the interruption travels with the state
+    resumed = genetic_search(space, budget, cfg, fake_fitness, seed=3, state=saved)
     assert resumed.scores.keys() == full.scores.keys() and resumed.history == full.history
     assert resumed.population == full.population
+
+
+def test_a_resumed_search_reports_the_training_time_of_every_attempt(tmp_path, small_data, monkeypatch):
+    """MetaQuantNet interrupted after its first save, then resumed: `seconds` counts both attempts' training, as a
+    resumed quantize run's report does (before, only the time after the resume was reported)."""
+    import time
+
+    from metaaug.search import job
+
+    class SlowSteps:  # each training step takes at least 0.5 s; the first attempt stops in its third step
+        def __init__(self, stop_at: int | None) -> None:
+            self.stop_at, self.steps, self.started, self.last = stop_at, 0, 0.0, 0.0
+
+        def phase(self, name: str, total: int) -> None:
+            self.training = name == "MetaQuantNet"
+            if self.training:
+                self.started = time.perf_counter()
+
+        def advance(self, steps: int, info: str) -> None:
+            if self.training and info.startswith("KL"):
+                self.steps += 1
+                if self.steps == self.stop_at:
+                    raise KeyboardInterrupt
+                time.sleep(0.5)
+                self.last = time.perf_counter()
+
+    monkeypatch.setattr(job, "SAVE_EVERY", 2)
+    cfg = job.SearchConfig(wbits_choices=(2, 4), budget=3.0, calib_size=64, data_dir=str(small_data),
+                           meta=MetaQuantConfig(steps=4, batch_size=8), ga=GAConfig(population=4, generations=1))
+    with pytest.raises(KeyboardInterrupt):
+        job.run_search(cfg, tmp_path, "cpu", SlowSteps(stop_at=3))
+    first = torch.load(tmp_path / job.NET_PROGRESS, weights_only=True)
+    assert first["step"] == 2 and first["seconds"] >= 1.0
+    second = SlowSteps(stop_at=None)
+    summary = job.run_search(cfg, tmp_path, "cpu", second)
+    wall = second.last - second.started  # the resumed attempt's two training steps
+    # below: the first attempt is missing (>= 1 s); above: it is counted twice. The slack is loading and FP logits.
+    assert first["seconds"] + wall - 0.3 <= summary["seconds"]["metaquant"] <= first["seconds"] + wall + 1.0
+    assert summary["seconds"]["total"] >= summary["seconds"]["metaquant"] + summary["seconds"]["search"]
+    assert summary["seconds"]["metaquant_reused"] is False
 
 
 def test_unreachable_budget_names_the_smallest_reachable():

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from metaaug.api import check_calibration, prepare_for, resolve_device, run_method
 from metaaug.data import load_dataset
+from metaaug.environment import environment
 from metaaug.errors import ConfigError
 from metaaug.evaluate import top1
 from metaaug.methods.registry import JobContext, config_dict, config_types, method_config
@@ -140,7 +138,7 @@ def run_job(cfg: RunConfig, out: str | Path, device: str = "auto", progress: Pro
         "recon_seconds": round(recon, 1),
         "units": [dataclasses.asdict(s) for s in stats],
         "unit_plan": [dataclasses.asdict(p) for p in qmodel.unit_plans],
-        "device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(), "host": platform.node(),
+        **environment(dev),
     })
     report.update(result.report)
     store.finish(qmodel, report)

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from metaaug.data import load_dataset
 from metaaug.data.augment import augment
 from metaaug.data.datasets import ImageDataset
+from metaaug.environment import environment
 from metaaug.errors import ConfigError, DataError
 from metaaug.evaluate import top1
 from metaaug.models.registry import BUNDLED
@@ -77,7 +78,7 @@ def train(name: str, epochs: int, batch: int, lr: float, wd: float, seed: int, o
     card = {"model": name, "test_top1": round(acc, 2), "epochs": epochs, "batch": batch, "max_lr": lr, "weight_decay": wd,
             "seed": seed, "optimizer": "SGD nesterov 0.9, OneCycle (15% warm-up), label smoothing 0.1",
             "augmentation": "random 2-pixel shift + horizontal flip", "seconds": round(time.time() - start),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+            **environment(torch.device("cpu"))}
     if classes is not None:
         card["classes"] = list(classes)
     (out / f"{stem}.json").write_text(json.dumps(card, indent=2) + "\n")

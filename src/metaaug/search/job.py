@@ -19,6 +19,7 @@ import torch
 
 from metaaug.api import resolve_device
 from metaaug.data import calibration_split, load_dataset, stratified_indices
+from metaaug.environment import environment
 from metaaug.errors import ConfigError
 from metaaug.evaluate import accuracy, logits_of
 from metaaug.models.registry import build_model
@@ -86,41 +87,44 @@ def _genome_key(g: Genome) -> str:
     return ",".join(map(str, g))
 
 
-def _save_state(path: Path, state: GAState) -> None:
+def _save_state(path: Path, state: GAState, seconds: float) -> None:
+    """`seconds`: the search's time so far, over every attempt, so that a resumed search reports all of it."""
     rng = state.rng_state
     data = {"generation": state.generation, "population": [list(g) for g in state.population],
             "scores": {_genome_key(g): r for g, r in state.scores.items()}, "history": state.history,
-            "rng_state": [rng[0], list(rng[1]), rng[2]] if rng else None}
+            "rng_state": [rng[0], list(rng[1]), rng[2]] if rng else None, "seconds": round(seconds, 3)}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data))
     tmp.replace(path)
 
 
-def _load_state(path: Path) -> GAState | None:
+def _load_state(path: Path) -> tuple[GAState | None, float]:
+    """The saved search state and the seconds spent reaching it (none and 0 for a fresh search)."""
     if not path.exists():
-        return None
+        return None, 0.0
     d = json.loads(path.read_text())
     rng = d["rng_state"]
     return GAState(d["generation"], [tuple(g) for g in d["population"]],
                    {tuple(int(v) for v in k.split(",")): r for k, r in d["scores"].items()}, d["history"],
-                   (rng[0], tuple(rng[1]), rng[2]) if rng else None)
+                   (rng[0], tuple(rng[1]), rng[2]) if rng else None), float(d.get("seconds", 0.0))
 
 
 def train_metaquant(net: MetaQuantNet, space: SearchSpace, images: torch.Tensor, cfg: SearchConfig, out: Path,
-                    progress: PhaseProgress) -> list[dict]:
+                    progress: PhaseProgress) -> tuple[list[dict], float]:
     """Train once: per step a random policy (plus the all-lowest and all-highest ones), KL to the FP logits.
-    Saves progress every SAVE_EVERY steps; a rerun continues from there and ends where an uninterrupted run would."""
+    Saves progress every SAVE_EVERY steps; a rerun continues from there and ends where an uninterrupted run would.
+    Returns the training curve and the training seconds over every attempt."""
     mcfg, dev = cfg.meta, next(net.parameters()).device
     opt = torch.optim.Adam(net.parameters(), lr=mcfg.lr)
     rng, gen = random.Random(cfg.seed + 17), torch.Generator().manual_seed(cfg.seed + 19)
-    start, curve = 0, []
+    start, curve, prior, t0 = 0, [], 0.0, time.perf_counter()
     if (out / NET_PROGRESS).exists():
         saved = torch.load(out / NET_PROGRESS, map_location=dev, weights_only=True)
         net.load_state_dict(saved["net"])
         opt.load_state_dict(saved["opt"])
         gen.set_state(saved["gen"])
         rng.setstate((saved["rng"][0], tuple(saved["rng"][1]), saved["rng"][2]))
-        start, curve = saved["step"], json.loads(saved["curve"])
+        start, curve, prior = saved["step"], json.loads(saved["curve"]), float(saved.get("seconds", 0.0))
     with torch.no_grad():
         targets = logits_of(net.fp_logits, images, 256, dev).to(dev)
     progress.phase("MetaQuantNet", mcfg.steps)
@@ -135,9 +139,9 @@ def train_metaquant(net: MetaQuantNet, space: SearchSpace, images: torch.Tensor,
         progress.advance(1, f"KL {loss:.4f}")
         if (step + 1) % SAVE_EVERY == 0 and step + 1 < mcfg.steps:
             torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "step": step + 1,
-                        "rng": [rng.getstate()[0], list(rng.getstate()[1]), rng.getstate()[2]], "curve": json.dumps(curve)},
-                       out / NET_PROGRESS)
-    return curve
+                        "rng": [rng.getstate()[0], list(rng.getstate()[1]), rng.getstate()[2]], "curve": json.dumps(curve),
+                        "seconds": prior + time.perf_counter() - t0}, out / NET_PROGRESS)
+    return curve, prior + time.perf_counter() - t0
 
 
 @torch.no_grad()
@@ -215,18 +219,22 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
     RunStore(out, {"kind": "search", **dataclasses.asdict(cfg)})  # claims the folder; refuses another config
     torch.manual_seed(cfg.seed)
     net = MetaQuantNet(qmodel, calib.images, space.wchoices, space.achoices or (cfg.abits,), space.wgenes, cfg.meta).to(dev)
-    t_meta = time.perf_counter()
     curve: list[dict] = []
+    meta_seconds, earlier, reused = 0.0, 0.0, False  # training time; of it, earlier attempts'; net trained elsewhere
     if cfg.proxy == "metaquant":
         if (out / NET_FILE).exists():
             saved = torch.load(out / NET_FILE, map_location=dev, weights_only=True)
             net.load_state_dict(saved["net"])
-            curve = json.loads(saved["curve"])
+            curve, meta_seconds = json.loads(saved["curve"]), float(saved.get("seconds", 0.0))
+            reused = saved.get("trained_in", out.name) != out.name  # a copy: its training is another folder's time
+            earlier = 0.0 if reused else meta_seconds
         else:
-            curve = train_metaquant(net, space, meta_images, cfg, out, progress)
-            torch.save({"net": net.state_dict(), "curve": json.dumps(curve)}, out / NET_FILE)
+            t_meta = time.perf_counter()
+            curve, meta_seconds = train_metaquant(net, space, meta_images, cfg, out, progress)
+            earlier = max(0.0, meta_seconds - (time.perf_counter() - t_meta))
+            torch.save({"net": net.state_dict(), "curve": json.dumps(curve), "seconds": meta_seconds,
+                        "trained_in": out.name}, out / NET_FILE)
             (out / NET_PROGRESS).unlink(missing_ok=True)
-    meta_seconds = time.perf_counter() - t_meta
     net.eval()
     fp = logits_of(net.fp_logits, hold.images, 512, dev)
 
@@ -240,12 +248,12 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
     fits = [g for g in uniform.values() if budget.fits(space.cost(g))]
 
     def on_generation(state: GAState) -> None:
-        _save_state(out / STATE_FILE, state)
+        _save_state(out / STATE_FILE, state, ga_prior + time.perf_counter() - t_ga)
         h = state.history[-1]
         progress.advance(1, f"best {h['best_fitness']:.2f} at {cfg.budget_kind} {h['best_cost']:.4g}/{budget.limit:g}")
 
     t_ga = time.perf_counter()
-    state = _load_state(out / STATE_FILE)
+    state, ga_prior = _load_state(out / STATE_FILE)
     if cfg.strategy == "ga":
         progress.phase("genetic search", cfg.ga.generations)
         progress.advance(state.generation if state else 0, "resumed" if state else "")
@@ -259,8 +267,10 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
         from metaaug.search.sensitivity import sensitivity_search
 
         g = sensitivity_search(space, budget, qmodel, calib.images[:256])
+        ga_prior = 0.0  # computed again in full, not resumed
         state = GAState(scores={g: {**evaluate([g])[0], "generation": 0, "cost": budget.value(space.cost(g))}})
-    _save_state(out / STATE_FILE, state)
+    ga_seconds = ga_prior + time.perf_counter() - t_ga
+    _save_state(out / STATE_FILE, state, ga_seconds)
     best = best_genome(state, budget)
     policy = space.policy(best)
     policy.save(out / "policy.json")
@@ -273,9 +283,9 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
         "candidates": [{"genome": list(g), **r, "avg_wbits": space.cost(g)["avg_wbits"]} for g, r in state.scores.items()],
         "history": state.history, "meta_curve": curve, "strategy": cfg.strategy, "evaluated": len(state.scores),
         "genes": {"wbits": space.wgenes, "abits": space.agroups if space.achoices else []},
-        "seconds": {"metaquant": round(meta_seconds, 1), "search": round(time.perf_counter() - t_ga, 1),
-                    "total": round(time.perf_counter() - t0, 1)},
-        "calib_images": len(calib), "holdout_images": len(hold), "metaquant_images": len(meta_images), "device": str(dev),
+        "seconds": {"metaquant": round(meta_seconds, 1), "search": round(ga_seconds, 1),  # every attempt's, as for runs
+                    "total": round(time.perf_counter() - t0 + earlier + ga_prior, 1), "metaquant_reused": reused},
+        "calib_images": len(calib), "holdout_images": len(hold), "metaquant_images": len(meta_images), **environment(dev),
     }
     from metaaug.viz import save_search_plots
 

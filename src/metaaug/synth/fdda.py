@@ -21,6 +21,7 @@ from torch import nn
 
 from metaaug.data.calib import stratified_indices
 from metaaug.data.datasets import FASHION_MNIST_INFO, DataInfo, ImageDataset
+from metaaug.environment import environment
 from metaaug.errors import ConfigError, DataError
 from metaaug.evaluate import logits_of
 from metaaug.synth.bns import BNStats, ClassCentres, bn_layers, class_bns_loss, class_centres, deep_half, global_bns_loss
@@ -212,7 +213,7 @@ def synthesize(model: nn.Module, cfg: FDDAConfig, real: ImageDataset | None = No
         "bns_distance": {"before": before, "after": after, **({"real_reference": reference} if reference is not None else {})},
         "bn_layers": len(layers), "class_loss_layers": [layers[i][0] for i in centres.layer_ids] if centres else [],
         "loss_history": history,
-        "seconds": round(time.perf_counter() - start, 1), "device": str(dev), "threads": torch.get_num_threads(),
+        "seconds": round(time.perf_counter() - start, 1), **environment(dev),
         "config": {**dataclasses.asdict(cfg), "image_shape": list(shape), "value_range": list(value_range)},
     }
     return SynthResult(images, labels, classes, report)
