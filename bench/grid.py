@@ -127,7 +127,7 @@ def summarise(reports: dict[str, dict], command: str, out: Path) -> None:
                      "meta_seconds": f"{statistics.mean(meta):.0f}" if meta else "-"})
     legend = ("quant_top1: test top-1 (%) of the quantized model, mean ± std over seeds; gap: calib_top1 - quant_top1 "
               "(train-test gap); holdout_top1: top-1 on the held-out part of the calibration set; seconds: wall time per "
-              "run (see `threads` and `host` in results.json).")
+              "run (see `threads` and `cpu` in results.json).")
     write_results(out, command, rows, {"runs": {k: strip_run(r) for k, r in sorted(reports.items())}}, legend)
 
 
