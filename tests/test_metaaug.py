@@ -163,16 +163,17 @@ def test_validation_on_a_synthetic_folder_replaces_calib_and_holdout_and_checks_
         MetaAugConfig(val_synth=str(tmp_path / "missing"))
 
 
-def run_metaaug(out, seed=0, meta_iters=3):
+def run_metaaug(out, data, seed=0, meta_iters=3):
     args = ["quantize", "--method", "metaaug", "--wbits", "2", "--abits", "2", "--calib-size", "80", "--iters", "4",
-            "--meta-iters", str(meta_iters), "--holdout", "0.2", "--seed", str(seed), "--out", str(out)]
+            "--meta-iters", str(meta_iters), "--holdout", "0.2", "--seed", str(seed), "--data-dir", str(data),
+            "--out", str(out)]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     return json.loads((out / "report.json").read_text())
 
 
-def test_short_metaaug_run_writes_report_and_pngs_and_is_reproducible(tmp_path):
-    a = run_metaaug(tmp_path / "a")
+def test_short_metaaug_run_writes_report_and_pngs_and_is_reproducible(tmp_path, small_data):
+    a = run_metaaug(tmp_path / "a", small_data)
     for key in ("holdout_top1", "meta_seconds", "recon_seconds", "meta_units", "quant_top1", "calib_top1"):
         assert key in a
     assert a["validation"] == "holdout" and a["calib_size"] == 80
@@ -182,12 +183,12 @@ def test_short_metaaug_run_writes_report_and_pngs_and_is_reproducible(tmp_path):
     assert len(a["meta_units"]) == 9  # 9 blocks; first conv and last linear skip the meta phase
     for png in ("transforms.png", "meta_losses.png"):
         assert (tmp_path / "a" / png).stat().st_size > 1000
-    b = run_metaaug(tmp_path / "b")
+    b = run_metaaug(tmp_path / "b", small_data)
     assert (a["quant_top1"], a["calib_top1"], a["holdout_top1"]) == (b["quant_top1"], b["calib_top1"], b["holdout_top1"])
     assert [u["kl"] for u in a["meta_units"]] == [u["kl"] for u in b["meta_units"]]
 
 
-def test_metaaug_without_meta_steps_runs_and_skips_the_loss_plot(tmp_path):
-    rep = run_metaaug(tmp_path, meta_iters=0)  # the ablation's identity control: T stays x + 0
+def test_metaaug_without_meta_steps_runs_and_skips_the_loss_plot(tmp_path, small_data):
+    rep = run_metaaug(tmp_path, small_data, meta_iters=0)  # the ablation's identity control: T stays x + 0
     assert rep["meta_seconds"] == 0 and all(u["meta_iters"] == 0 for u in rep["meta_units"])
     assert (tmp_path / "transforms.png").exists() and not (tmp_path / "meta_losses.png").exists()
