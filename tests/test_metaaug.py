@@ -1,6 +1,7 @@
 """MetaAug: the meta-gradient reaches T, T starts at the identity, and a short run writes what it should."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -110,6 +111,7 @@ def test_spread_meta_steps_fall_through_reconstruction_and_rerender_the_transfor
 
     class Recording(MetaAugReconstructor):
         def during(self, k, it, unit, data):
+            time.sleep(0.02)  # makes the time in this hook measurable against the reconstruction steps
             out = super().during(k, it, unit, data)
             probs = {aq.quant_prob for aq in self.qmodel.act_quantizers(unit)}
             self.seen.append((k, it, out.q_in[0][-6:].clone(), probs))
@@ -120,8 +122,13 @@ def test_spread_meta_steps_fall_through_reconstruction_and_rerender_the_transfor
     cfg = MetaAugConfig(iters=8, meta_iters=4, meta_schedule="spread", log_every=1, meta_batch=4, lr_t=1e-2)
     eng = Recording(q, cfg, seed=0)
     eng.seen = []
-    eng.run(torch.randn(6, 1, 28, 28))
+    stats = eng.run(torch.randn(6, 1, 28, 28))
     assert [m["meta_iters"] for m in eng.meta_log] == [4, 4]  # both residual blocks; stem and head skip the meta phase
+    for s, m in zip([s for s in stats if s.name in ("block1", "block2")], eng.meta_log, strict=True):
+        assert s.extra["meta_seconds"] >= max(m["meta_seconds"], 8 * 0.02)  # spread meta steps count as meta time
+    for s in stats:  # ... and not as reconstruction time
+        assert s.ms_per_iter * s.iters / 1000 + s.extra["meta_seconds"] <= s.seconds + 1e-3
+        assert s.ms_per_iter < 20, s
     for name in ("block1", "block2"):
         assert [c["step"] for c in eng.curves[name]] == [0, 2, 4, 6]
     k = q.unit_names.index("block1")
