@@ -163,7 +163,8 @@ def main() -> None:
         def done(i: int, run_dir: str, r: dict, seconds: float) -> None:
             key = Path(run_dir).name
             reports[key] = r
-            print(f"[{i + 1}/{len(todo)}] {key}: quant {r['quant_top1']} calib {r['calib_top1']} ({seconds:.0f}s)", flush=True)
+            print(f"[{i + 1}/{len(todo)}] {key}: quant {r['quant_top1']} calib {r['calib_top1']} "
+                  f"({r['seconds']:.0f}s; {seconds:.0f}s since the grid started)", flush=True)
             summarise(reports, command, a.out)
 
         runner = Runner(a.jobs, a.device, done)

@@ -69,26 +69,38 @@ def verdicts(runs: list[dict]) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """One column per (model, setting), test top-1 above the gap; a variant keeps its colour in every column, so the
+    figure stays readable with a dozen variants."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in sorted({(r["model"], r["variant"], r["setting"]) for r in rows}):
-        pts = sorted((r["calib_size"], r["_test"], r["_std"], r["_gap"]) for r in rows
-                     if (r["model"], r["variant"], r["setting"]) == key)
-        xs = [p[0] for p in pts]
-        a.errorbar(xs, [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=" ".join(key))
-        b.plot(xs, [p[3] for p in pts], marker="o", label=" ".join(key))
-    for ax, title in ((a, "test top-1 (%)"), (b, "calibration - test top-1 (points)")):
-        ax.set_xscale("log")
-        ax.set_xlabel("calibration images")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    b.axhline(GAP, color="grey", ls="--", lw=1)
-    a.legend(fontsize=7)
-    fig.tight_layout()
+    panels = sorted({(r["model"], r["setting"]) for r in rows})
+    variants = sorted({r["variant"] for r in rows}, key=lambda v: (v != "qdrop", v))
+    colour = {v: plt.get_cmap("tab20")(i % 20) for i, v in enumerate(variants)}
+    fig, axes = plt.subplots(2, len(panels), figsize=(3.4 * len(panels), 6.5), squeeze=False, sharex=True)
+    for col, (model, setting) in enumerate(panels):
+        top, bottom = axes[0][col], axes[1][col]
+        for v in variants:
+            pts = sorted((r["calib_size"], r["_test"], r["_std"], r["_gap"]) for r in rows
+                         if (r["model"], r["setting"], r["variant"]) == (model, setting, v))
+            if pts:
+                xs = [p[0] for p in pts]
+                top.errorbar(xs, [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=4, capsize=3,
+                             color=colour[v], lw=2 if v == "qdrop" else 1)
+                bottom.plot(xs, [p[3] for p in pts], marker="o", ms=4, color=colour[v], lw=2 if v == "qdrop" else 1)
+        top.set_title(f"{model} {setting}", fontsize=9)
+        bottom.axhline(GAP, color="grey", ls="--", lw=1)
+        bottom.set_xlabel("calibration images")
+        for ax in (top, bottom):
+            ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test top-1 (%)")
+    axes[1][0].set_ylabel("calibration - test top-1 (points)")
+    handles = [plt.Line2D([], [], color=colour[v], marker="o", lw=2 if v == "qdrop" else 1) for v in variants]
+    fig.legend(handles, variants, loc="lower center", ncol=min(len(variants), 7), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 * (1 + (len(variants) - 1) // 7), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
