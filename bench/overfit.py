@@ -78,18 +78,19 @@ def plot(rows: list[dict], path: Path) -> None:
 
     panels = sorted({(r["model"], r["setting"]) for r in rows})
     variants = sorted({r["variant"] for r in rows}, key=lambda v: (v != "qdrop", v))
-    colour = {v: plt.get_cmap("tab20")(i % 20) for i, v in enumerate(variants)}
+    style = {v: {"color": plt.get_cmap("tab20")(i % 20), "lw": 2 if v == "qdrop" else 1, "marker": "o"}
+             for i, v in enumerate(variants)}
+    series: dict[tuple, list] = {}
+    for r in sorted(rows, key=lambda r: r["calib_size"]):
+        series.setdefault((r["model"], r["setting"], r["variant"]), []).append(r)
     fig, axes = plt.subplots(2, len(panels), figsize=(3.4 * len(panels), 6.5), squeeze=False, sharex=True)
     for col, (model, setting) in enumerate(panels):
         top, bottom = axes[0][col], axes[1][col]
         for v in variants:
-            pts = sorted((r["calib_size"], r["_test"], r["_std"], r["_gap"]) for r in rows
-                         if (r["model"], r["setting"], r["variant"]) == (model, setting, v))
-            if pts:
-                xs = [p[0] for p in pts]
-                top.errorbar(xs, [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=4, capsize=3,
-                             color=colour[v], lw=2 if v == "qdrop" else 1)
-                bottom.plot(xs, [p[3] for p in pts], marker="o", ms=4, color=colour[v], lw=2 if v == "qdrop" else 1)
+            if pts := series.get((model, setting, v)):
+                xs = [p["calib_size"] for p in pts]
+                top.errorbar(xs, [p["_test"] for p in pts], yerr=[p["_std"] for p in pts], ms=4, capsize=3, **style[v])
+                bottom.plot(xs, [p["_gap"] for p in pts], ms=4, **style[v])
         top.set_title(f"{model} {setting}", fontsize=9)
         bottom.axhline(GAP, color="grey", ls="--", lw=1)
         bottom.set_xlabel("calibration images")
@@ -98,7 +99,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test top-1 (%)")
     axes[1][0].set_ylabel("calibration - test top-1 (points)")
-    handles = [plt.Line2D([], [], color=colour[v], marker="o", lw=2 if v == "qdrop" else 1) for v in variants]
+    handles = [plt.Line2D([], [], **style[v]) for v in variants]
     fig.legend(handles, variants, loc="lower center", ncol=min(len(variants), 7), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.04 * (1 + (len(variants) - 1) // 7), 1, 1))
     fig.savefig(path, dpi=120)
