@@ -20,18 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import metaaug  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads OpenMP)
+
+# isort: split
 
 from grid import SET_HELP, parse_options
-from metaaug.api import resolve_device
 from metaaug.data import load_dataset
+from metaaug.environment import resolve_device
 from metaaug.models.registry import build_model
 from metaaug.pipeline import RunConfig, run_job
 from metaaug.synth import FDDAConfig, save_synth, synthesize

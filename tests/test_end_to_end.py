@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from metaaug import quantize
 from metaaug.cli.app import app
 from metaaug.evaluate import top1
+from metaaug.progress import NullProgress
 from metaaug.quant import QuantSpec
-from metaaug.recon.engine import NullProgress
 from metaaug.store import RunStore
 
 runner = CliRunner()

@@ -1,5 +1,14 @@
 """metaaug: low-bit post-training quantization (RTN, AdaRound, BRECQ, QDrop, MetaAug) for PyTorch models."""
 
+import os
+
+# Sleeping OpenMP workers, set here once, before anything imports torch (libgomp reads it when it loads): the default
+# and ACTIVE spinning stall 10-100x when other processes share the cores (measured here); the hot loops run
+# single-threaded instead (environment.loop_threads). OMP_WAIT_POLICY=ACTIVE in the environment overrides it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# isort: split
+
 from metaaug import data, models
 from metaaug.api import quantize
 from metaaug.errors import ConfigError, DataError, MetaAugError, ModelError

@@ -8,37 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from metaaug.data.datasets import check_finite
-from metaaug.errors import ConfigError, DataError
+from metaaug.data.checks import check_calibration
+from metaaug.environment import resolve_device
 from metaaug.methods.registry import JobContext, MethodResult, handler_for, method_config
+from metaaug.progress import NullProgress, Progress
 from metaaug.quant.prepare import QuantModel, QuantSpec, prepare
-from metaaug.recon.engine import NullProgress, Progress
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """The device to run on (`auto`: CUDA when present); on CUDA, full-FP32 arithmetic from here on (`ieee_fp32`)."""
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto" else device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but no CUDA device is available")
-    if dev.type == "cuda":
-        ieee_fp32()
-    return dev
-
-
-def ieee_fp32() -> None:
-    """Turn off TF32 for convolutions and matrix products. cuDNN convolves in TF32 by default on Ampere and later
-    GPUs; its ~1e-3 relative error moves values across rounding thresholds, and a W4A4 ResNet-20 on an H200 then
-    disagreed with the CPU on 2% of its predictions. Simulated quantization must compute what the CPU computes."""
-    torch.backends.cudnn.conv.fp32_precision = "ieee"
-    torch.backends.cuda.matmul.fp32_precision = "ieee"
-
-
-def check_calibration(images: torch.Tensor) -> None:
-    """Any non-empty finite set works: batches are drawn with replacement, so a set smaller than a batch (10 images,
-    one per class) is reconstructed on as it is."""
-    if not isinstance(images, torch.Tensor) or images.dim() < 2:
-        raise DataError("calibration images must be a tensor of shape (N, C, H, W)")
-    check_finite(images, "calibration data")
 
 
 def prepare_for(model: nn.Module, cfg: Any, spec: QuantSpec, units: str | Sequence[str] | None = None) -> QuantModel:

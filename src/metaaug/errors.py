@@ -15,3 +15,13 @@ class DataError(MetaAugError):
 
 class ModelError(MetaAugError):
     """A model or checkpoint that cannot be used: mismatched weights, unsupported layers."""
+
+
+class MetaAugWarning(UserWarning):
+    """Something the user should know that does not stop the job (the CLI prints it as one line)."""
+
+
+def warn(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, MetaAugWarning, stacklevel=2)

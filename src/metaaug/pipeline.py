@@ -8,17 +8,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metaaug.api import check_calibration, prepare_for, resolve_device, run_method
-from metaaug.data import load_dataset
-from metaaug.environment import environment
+from metaaug.api import prepare_for, run_method
+from metaaug.data import check_calibration, load_dataset
+from metaaug.environment import environment, resolve_device
 from metaaug.errors import ConfigError
 from metaaug.evaluate import top1
 from metaaug.methods.registry import JobContext, config_dict, config_types, method_config
 from metaaug.models.registry import build_model
+from metaaug.progress import NullProgress, Progress
 from metaaug.quant.cost import model_cost
 from metaaug.quant.policy import Policy
 from metaaug.quant.prepare import QuantModel, QuantSpec
-from metaaug.recon.engine import NullProgress, Progress
 from metaaug.store import QUANTIZED, RunStore, load_state, read_json
 from metaaug.synth.data import calibration_set
 

@@ -1,7 +1,8 @@
-"""Progress callbacks for phased jobs (search, QAT): one bar per phase with a free-text status."""
+"""Progress callbacks: per reconstruction unit (quantize) and per phase (search, QAT), and the per-unit statistics they report."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -17,4 +18,36 @@ class QuietPhases:
         pass
 
     def advance(self, steps: int, info: str) -> None:
+        pass
+
+
+@dataclass
+class UnitStats:
+    name: str
+    iters: int
+    seconds: float
+    ms_per_iter: float
+    loss_start: float | None = None
+    loss_end: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Progress(Protocol):
+    def start(self, unit_names: list[str]) -> None: ...
+    def unit_start(self, index: int, name: str, total: int) -> None: ...
+    def advance(self, steps: int) -> None: ...
+    def unit_end(self, index: int, stats: UnitStats) -> None: ...
+
+
+class NullProgress:
+    def start(self, unit_names: list[str]) -> None:
+        pass
+
+    def unit_start(self, index: int, name: str, total: int) -> None:
+        pass
+
+    def advance(self, steps: int) -> None:
+        pass
+
+    def unit_end(self, index: int, stats: UnitStats) -> None:
         pass

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from metaaug.errors import ConfigError
+from metaaug.progress import UnitStats
 from metaaug.quant.prepare import QuantModel
-from metaaug.recon.engine import UnitStats
 
 CONFIG, PROGRESS, PROGRESS_STATE, METHOD_STATE, QUANTIZED, REPORT = (
     "config.json", "progress.json", "progress.safetensors", "progress_method.pt", "quantized.safetensors", "report.json")

@@ -14,24 +14,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from metaaug.data import load_dataset
+from metaaug.data import load_dataset, only_classes
 from metaaug.data.augment import augment
-from metaaug.data.datasets import ImageDataset
 from metaaug.environment import environment
-from metaaug.errors import ConfigError, DataError
+from metaaug.errors import ConfigError
 from metaaug.evaluate import top1
 from metaaug.models.registry import BUNDLED
-
-
-def only_classes(ds: ImageDataset, classes: tuple[int, ...] | None) -> ImageDataset:
-    """The images of `classes` only (labels unchanged), e.g. the seen classes of a few-shot split."""
-    if classes is None:
-        return ds
-    n = int(ds.labels.max()) + 1
-    bad = [c for c in classes if not 0 <= c < n]
-    if bad:
-        raise DataError(f"class {bad[0]} does not exist; the data has classes 0..{n - 1}")
-    return ds.subset(torch.nonzero(torch.isin(ds.labels, torch.tensor(classes))).flatten())
 
 
 def train(name: str, epochs: int, batch: int, lr: float, wd: float, seed: int, out: Path,

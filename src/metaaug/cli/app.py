@@ -2,40 +2,17 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
-# Sleeping OpenMP workers: libgomp's default and ACTIVE spinning stall 10-100x when other processes share the
-# cores (measured here); the reconstruction loop runs single-threaded instead (see recon.engine.loop_threads).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import typer
-from rich.console import Console
-from rich.markup import escape
 
+from metaaug.cli.common import app, console, friendly, out_console, parse_options
 from metaaug.errors import MetaAugError
 from metaaug.methods.registry import method_names
 from metaaug.quant.policy import Policy
-
-app = typer.Typer(add_completion=False, no_args_is_help=False, help="Low-bit post-training quantization (MetaAug, QDrop, BRECQ, AdaRound, RTN).")
-console = Console(stderr=True)
-out_console = Console()
-
-
-def friendly(fn):
-    """Turn user errors into one red line and exit code 2, never a traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except MetaAugError as exc:
-            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-    return wrapper
 
 
 @app.command()
@@ -113,7 +90,7 @@ def eval_(
     if bits is not None:
         raise MetaAugError("--bits applies to QAT run folders only; a packed file holds one width")
     if quantized is not None:
-        from metaaug.api import resolve_device
+        from metaaug.environment import resolve_device
         from metaaug.export.pack import load_quantized, read_metadata
 
         extra = read_metadata(quantized)["extra"]
@@ -206,21 +183,7 @@ def _is_qat(run: Path) -> bool:
     return is_qat_run(run)
 
 
-def parse_options(items: list[str]) -> dict:
-    opts = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise MetaAugError(f"--set expects key=value, got {item!r}")
-        try:
-            opts[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            opts[key] = raw
-    return opts
-
-
-import metaaug.cli.export_cmd  # noqa: E402,F401  (registers `metaaug export`)
-from metaaug.cli import qat_cmd, search_cmd, synth_cmd  # noqa: E402,F401  (register qat/fewshot, search and synth)
+from metaaug.cli import export_cmd, qat_cmd, search_cmd, synth_cmd  # noqa: E402,F401  (register their commands)
 
 
 def main() -> None:
@@ -230,6 +193,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from metaaug.cli.app import main as canonical_main  # the module the export/synth commands registered on
-
-    canonical_main()
+    main()

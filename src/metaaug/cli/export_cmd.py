@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from metaaug.cli.app import app, friendly, out_console
+from metaaug.cli.common import app, friendly, out_console
 from metaaug.errors import ConfigError
 
 FORMATS = {"onnx": "model.onnx", "packed": "model.mq.safetensors"}

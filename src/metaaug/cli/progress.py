@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from metaaug.recon.engine import UnitStats
+from metaaug.progress import UnitStats
 
 
 class _Bars:

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from metaaug.cli.app import app, console, friendly, out_console
+from metaaug.cli.common import app, console, friendly, out_console
 from metaaug.errors import ConfigError
 from metaaug.qat.config import QAT_METHODS
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from metaaug.cli.app import app, console, friendly, out_console
+from metaaug.cli.common import app, console, friendly, out_console
 from metaaug.cli.progress import RichPhases
 from metaaug.errors import ConfigError
 

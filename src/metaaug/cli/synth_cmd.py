@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from metaaug.cli.app import app, console, friendly, out_console, parse_options
+from metaaug.cli.common import app, console, friendly, out_console, parse_options
 
 
 @app.command()
@@ -25,8 +25,8 @@ def synth(
     option: Annotated[list[str] | None, typer.Option("--set", help="FDDAConfig field key=value (repeatable), e.g. --set w_centralised=0.05")] = None,
 ) -> None:
     """Train FDDA's class-conditional generator on the FP model's BN statistics and save synthetic calibration images."""
-    from metaaug.api import resolve_device
     from metaaug.data import load_dataset
+    from metaaug.environment import resolve_device
     from metaaug.models.registry import build_model
     from metaaug.synth import FDDAConfig, save_synth, synthesize
     from metaaug.synth.bns import bn_layers

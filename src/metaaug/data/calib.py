@@ -47,3 +47,14 @@ def calibration_split(train: ImageDataset, n: int, seed: int, holdout: float = 0
     mask = torch.ones(n, dtype=torch.bool)
     mask[hold_local] = False
     return calib.subset(torch.nonzero(mask).flatten()), calib.subset(hold_local)
+
+
+def only_classes(ds: ImageDataset, classes: tuple[int, ...] | None) -> ImageDataset:
+    """The images of `classes` only (labels unchanged), e.g. the seen classes of a few-shot split."""
+    if classes is None:
+        return ds
+    n = int(ds.labels.max()) + 1
+    bad = [c for c in classes if not 0 <= c < n]
+    if bad:
+        raise DataError(f"class {bad[0]} does not exist; the data has classes 0..{n - 1}")
+    return ds.subset(torch.nonzero(torch.isin(ds.labels, torch.tensor(classes))).flatten())

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metaaug.data.checks import check_finite
 from metaaug.data.idx import find_idx, read_idx
 from metaaug.errors import DataError
 
@@ -167,12 +168,3 @@ def load_dataset(data_dir: str | Path | None, split: str) -> ImageDataset:
         raise DataError(f"{folder} holds neither IDX files nor a '{split}/' image folder")
     check_finite(ds.images, f"{split} images from {folder}")
     return ds
-
-
-def check_finite(images: torch.Tensor, what: str) -> None:
-    """Reject empty or non-finite image tensors before they reach a quantizer."""
-    if images.numel() == 0:
-        raise DataError(f"{what}: no images")
-    if not torch.isfinite(images).all():
-        bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
-        raise DataError(f"{what}: {bad} image(s) contain NaN or Inf values")

@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metaaug.data.augment import augment
+from metaaug.environment import loop_threads, threads
 from metaaug.errors import DataError
 from metaaug.methods.meta_losses import distill_kl, margin, mixup_pair, pkt
 from metaaug.methods.meta_schedule import SpreadPlan, curve_point, full_quantization, rows_of, spread_positions
@@ -24,7 +25,7 @@ from metaaug.methods.registry import JobContext, MethodResult, register_method
 from metaaug.methods.transform import TransformNet
 from metaaug.quant.prepare import QuantModel
 from metaaug.quant.quantizers import ActQuantizer, WeightQuantizer, qdrop_mix
-from metaaug.recon.engine import Reconstructor, UnitData, fp_mode, loop_threads, threads
+from metaaug.recon.engine import Reconstructor, UnitData, fp_mode
 from metaaug.recon.loss import output_error
 from metaaug.recon.stepper import GraphStepper, map_chunks
 from metaaug.synth.data import load_synthetic

@@ -20,9 +20,9 @@ import torch
 
 from metaaug.data.datasets import ImageDataset
 from metaaug.errors import ConfigError
+from metaaug.progress import NullProgress, Progress, UnitStats
 from metaaug.quant.prepare import QuantModel
 from metaaug.recon.config import ReconConfig
-from metaaug.recon.engine import NullProgress, Progress, UnitStats
 from metaaug.store import RunStore
 
 BUILTIN = ("metaaug.methods.configs", "metaaug.methods.metaaug")

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from metaaug.api import check_calibration, resolve_device
-from metaaug.data import load_dataset, stratified_indices
+from metaaug.data import check_calibration, load_dataset, only_classes, stratified_indices
 from metaaug.data.datasets import ImageDataset
+from metaaug.environment import resolve_device
 from metaaug.errors import ConfigError
 from metaaug.evaluate import top1
 from metaaug.models.registry import build_model
@@ -28,7 +28,6 @@ from metaaug.qat.switchable import QATModel, Width, width_name
 from metaaug.qat.trainer import evaluate_widths, train_qat
 from metaaug.quant.prepare import QuantModel, QuantSpec
 from metaaug.store import REPORT, RunStore, read_json
-from metaaug.train import only_classes
 
 QAT_STATE, BN_STATS, PLOT = "qat.safetensors", "bn_stats.safetensors", "accuracy.png"
 UNSEEN = (5, 6)  # W=A widths evaluated after training when no candidate has them (interpolated quantizers)

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from metaaug.data.augment import augment
+from metaaug.environment import loop_threads, threads
+from metaaug.progress import NullProgress, Progress, UnitStats
 from metaaug.quant.prepare import QuantModel
 from metaaug.quant.quantizers import qdrop_mix
 from metaaug.recon.config import ReconConfig
@@ -25,29 +25,6 @@ from metaaug.recon.loss import beta_at, output_error, rounding_penalty
 from metaaug.recon.stepper import GraphStepper, map_chunks
 
 OBSERVE_IMAGES = 256
-
-
-def loop_threads() -> int:
-    """Threads for the small-batch hot loops (reconstruction, meta steps).
-
-    Each iteration is ~100 small ops; with sleeping OpenMP workers (PASSIVE) every op pays a wake-up, so one
-    thread is faster (measured: 9.4/6.4/5.5 vs 10.6/8.1/11.2 ms per ResNet-20 block step, idle 2-core machine)
-    and stays fast when other processes share the cores. With OMP_WAIT_POLICY=ACTIVE (a dedicated machine)
-    all threads are used: ~1.45x faster idle, but 10-100x slower under contention.
-    """
-    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "ACTIVE":
-        return torch.get_num_threads()
-    return 1
-
-
-@contextlib.contextmanager
-def threads(n: int) -> Iterator[None]:
-    prev = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
 
 
 @dataclass
@@ -85,38 +62,6 @@ class UnitData:
         out = self.fp_out
         target = out[idx].to(device) if isinstance(out, torch.Tensor) else tuple(o[idx].to(device) for o in out)
         return inputs, target
-
-
-@dataclass
-class UnitStats:
-    name: str
-    iters: int
-    seconds: float
-    ms_per_iter: float
-    loss_start: float | None = None
-    loss_end: float | None = None
-    extra: dict = field(default_factory=dict)
-
-
-class Progress(Protocol):
-    def start(self, unit_names: list[str]) -> None: ...
-    def unit_start(self, index: int, name: str, total: int) -> None: ...
-    def advance(self, steps: int) -> None: ...
-    def unit_end(self, index: int, stats: UnitStats) -> None: ...
-
-
-class NullProgress:
-    def start(self, unit_names: list[str]) -> None:
-        pass
-
-    def unit_start(self, index: int, name: str, total: int) -> None:
-        pass
-
-    def advance(self, steps: int) -> None:
-        pass
-
-    def unit_end(self, index: int, stats: UnitStats) -> None:
-        pass
 
 
 def scale_scheduler(opt: torch.optim.Optimizer, cfg: ReconConfig) -> torch.optim.lr_scheduler.LambdaLR | None:

@@ -17,15 +17,13 @@ from typing import Any
 
 import torch
 
-from metaaug.api import resolve_device
 from metaaug.data import calibration_split, load_dataset, stratified_indices
-from metaaug.environment import environment
+from metaaug.environment import environment, resolve_device, threads
 from metaaug.errors import ConfigError
 from metaaug.evaluate import accuracy, logits_of
 from metaaug.models.registry import build_model
 from metaaug.progress import PhaseProgress, QuietPhases
 from metaaug.quant.prepare import QuantSpec, prepare
-from metaaug.recon.engine import threads
 from metaaug.search.genetic import GAConfig, GAState, best_genome, genetic_search, random_search
 from metaaug.search.metaquant import MetaQuantConfig, MetaQuantNet, train_step
 from metaaug.search.space import Budget, Genome, SearchSpace, budget_number

@@ -10,7 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from metaaug.data.calib import calibration_split, stratified_indices
-from metaaug.data.datasets import ImageDataset, check_finite
+from metaaug.data.checks import check_finite
+from metaaug.data.datasets import ImageDataset
 from metaaug.errors import ConfigError, DataError
 
 IMAGES_FILE = "images.safetensors"
