@@ -12,7 +12,7 @@ from metaaug.cli.app import app
 from metaaug.evaluate import top1
 from metaaug.progress import NullProgress
 from metaaug.quant import QuantSpec
-from metaaug.store import RunStore
+from metaaug.runs.store import RunStore
 
 runner = CliRunner()
 
@@ -107,12 +107,14 @@ def test_metaaug_resumes_with_its_transformation_network_and_matches_the_uninter
     with pytest.raises(Interrupt):  # stop after the stem and the first block: T has taken its first block's steps
         quantize(model, imgs, cfg, QuantSpec(2, 2), seed=3, device="cpu", store=RunStore(tmp_path, {"x": 1}),
                  progress=StopAfter(2))
-    assert (tmp_path / "progress_method.pt").exists()
+    method_part = tmp_path / json.loads((tmp_path / "progress.json").read_text())["checkpoint"]["parts"]["method"]
+    assert method_part.exists()
     resumed = quantize(model, imgs, cfg, QuantSpec(2, 2), seed=3, device="cpu", store=RunStore(tmp_path, {"x": 1}))
     a, b = state_of(full), state_of(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
-    (tmp_path / "progress_method.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(Exception, match="cannot be read as saved method progress"):
+    last = json.loads((tmp_path / "progress.json").read_text())["checkpoint"]["parts"]["method"]
+    (tmp_path / last).write_bytes(b"not a checkpoint")  # a part edited or truncated after its manifest was written
+    with pytest.raises(Exception, match=r"does not match progress\.json"):
         quantize(model, imgs, cfg, QuantSpec(2, 2), seed=3, device="cpu", store=RunStore(tmp_path, {"x": 1}))
 
 

@@ -14,6 +14,7 @@ from metaaug.cli.app import app
 from metaaug.errors import ConfigError
 from metaaug.models.resnet import resnet20
 from metaaug.quant import QuantSpec, prepare
+from metaaug.runs import Checkpoints
 from metaaug.search import Budget, GAConfig, MetaQuantConfig, MetaQuantNet, SearchSpace, genetic_search
 from metaaug.search.genetic import best_genome
 from metaaug.search.job import _load_state, _save_state
@@ -110,7 +111,7 @@ def test_a_resumed_search_reports_the_training_time_of_every_attempt(tmp_path, s
                            meta=MetaQuantConfig(steps=4, batch_size=8), ga=GAConfig(population=4, generations=1))
     with pytest.raises(KeyboardInterrupt):
         job.run_search(cfg, tmp_path, "cpu", SlowSteps(stop_at=3))
-    first = torch.load(tmp_path / job.NET_PROGRESS, weights_only=True)
+    first = Checkpoints(tmp_path).load(job.NET_PROGRESS).info
     assert first["step"] == 2 and first["seconds"] >= 1.0
     second = SlowSteps(stop_at=None)
     summary = job.run_search(cfg, tmp_path, "cpu", second)

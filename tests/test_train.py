@@ -7,6 +7,7 @@ from torch import nn
 
 import metaaug.train as train_mod
 from metaaug.data.datasets import ImageDataset
+from metaaug.runs import Checkpoints
 
 
 def tiny_model() -> nn.Module:
@@ -35,15 +36,15 @@ def test_interrupted_training_resumes_bit_exactly(tmp_path, tiny_setup, monkeypa
     monkeypatch.setattr(train_mod, "top1", dying_top1)
     with pytest.raises(KeyboardInterrupt):
         train_mod.train("tiny", 3, 16, 0.1, 5e-4, 0, tmp_path / "resumed")
-    assert (tmp_path / "resumed" / "tiny_train_progress.pt").exists()
+    assert (tmp_path / "resumed" / "tiny_train_progress.json").exists()
     monkeypatch.setattr(train_mod, "top1", real_top1)
     resumed = train_mod.train("tiny", 3, 16, 0.1, 5e-4, 0, tmp_path / "resumed")
     a, b = load_file(str(tmp_path / "full" / "tiny_fmnist.safetensors")), load_file(str(tmp_path / "resumed" / "tiny_fmnist.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["test_top1"] == full["test_top1"]
-    assert not (tmp_path / "resumed" / "tiny_train_progress.pt").exists()
+    assert not list((tmp_path / "resumed").glob("tiny_train_progress*"))
     with pytest.raises(Exception, match="another recipe"):
-        torch.save({"recipe": [1, 2, 3, 4, 5]}, tmp_path / "resumed" / "tiny_train_progress.pt")
+        Checkpoints(tmp_path / "resumed").save("tiny_train_progress", {"recipe": [1, 2, 3, 4, 5]})
         train_mod.train("tiny", 3, 16, 0.1, 5e-4, 0, tmp_path / "resumed")
 
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from metaaug.api import prepare_for, run_method
 from metaaug.data import check_calibration, load_dataset
+from metaaug.data.checks import check_model_fits_data
 from metaaug.environment import environment, resolve_device
-from metaaug.errors import ConfigError
 from metaaug.evaluate import top1
 from metaaug.methods.registry import JobContext, config_dict, config_types, method_config
 from metaaug.models.registry import build_model
@@ -19,7 +19,9 @@ from metaaug.progress import NullProgress, Progress
 from metaaug.quant.cost import model_cost
 from metaaug.quant.policy import Policy
 from metaaug.quant.prepare import QuantModel, QuantSpec
-from metaaug.store import QUANTIZED, RunStore, load_state, read_json
+from metaaug.runs.files import RESTART_HINT, CorruptFileError
+from metaaug.runs.folder import CONFIG, RunFolder
+from metaaug.runs.store import QUANTIZED, REPORT, RunStore, load_state
 from metaaug.synth.data import calibration_set
 
 DEFAULT_CALIB_SIZE = 1024
@@ -48,9 +50,20 @@ class RunConfig:
     policy: dict[str, Any] | None = None  # per-layer bits, as in policy.json (overrides wbits/abits)
 
     def __post_init__(self) -> None:
+        from metaaug.config_check import SEED, check_config, coerce_options
+        from metaaug.errors import ConfigError
+
         # None: every synthetic image for `synthetic`; the default number of real images for `real` and `mixed`
         if self.calib_size is None and self.calib_source != "synthetic":
             self.calib_size = DEFAULT_CALIB_SIZE
+        check_config(self, {"iters": ">= 0", "holdout": "[0, 1)", "seed": SEED, "mixed_synth": ">= 0"})
+        if self.calib_size is not None and self.calib_size < 1:
+            raise ConfigError(f"calib_size: calibration size must be positive, got {self.calib_size}")
+        if self.iters is not None and "iters" in self.options:  # method_cfg would replace it with `iters`
+            raise ConfigError(f"--set iters={self.options['iters']}: use --iters (RunConfig.iters) instead of --set")
+        cls = config_types().get(self.method)
+        if cls is not None:  # `--set` strings typed as the method's fields, so config.json stores values
+            self.options = coerce_options(cls, self.options, self.method)
 
     def spec(self) -> QuantSpec:
         return QuantSpec(self.wbits, self.abits, fold_bn=self.fold_bn,
@@ -72,9 +85,13 @@ class RunConfig:
         """The method config's defaults: a run folder stored before a method field existed still resumes."""
         return {"method_config": config_dict(type(self.method_cfg())())}
 
-    def store(self, out: str | Path) -> RunStore:
-        """The run folder for this config (refuses one that holds another config)."""
-        return RunStore(out, self.identity(), self.identity_defaults())
+    def store(self, out: str | Path, restart: bool = False, make_parents: bool = True) -> RunStore:
+        """The run folder for this config (refuses one that holds another kind of run or another config)."""
+        return RunStore(out, self.identity(), self.identity_defaults(), restart, make_parents)
+
+    def check_out(self, out: str | Path, restart: bool = False, make_parents: bool = True) -> None:
+        """What `store` would refuse, found before any work and without writing anything."""
+        RunFolder.check(out, "quantize", self.identity(), self.identity_defaults(), restart, make_parents)
 
 
 def build_quant_model(cfg: RunConfig) -> QuantModel:
@@ -84,34 +101,44 @@ def build_quant_model(cfg: RunConfig) -> QuantModel:
 
 def load_run(run_dir: str | Path, device: str = "auto") -> tuple[QuantModel, RunConfig, dict]:
     """Rebuild a finished run's quantized model from its folder."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ConfigError(f"run folder {run_dir} does not exist")
-    if not (run_dir / QUANTIZED).exists():
-        raise ConfigError(f"{run_dir} holds no finished run ({QUANTIZED} missing)")
-    stored = read_json(run_dir / "config.json")
-    stored.pop("method_config", None)
-    cfg = RunConfig(**stored)
+    run = RunFolder.open(run_dir, ("quantize",), "this command")
+    weights = run.require(QUANTIZED, "finished run")
+    report = run.read_json(REPORT, "a run report")
+    cfg = stored_config(run)
     qmodel = build_quant_model(cfg)
-    load_state(qmodel, run_dir / QUANTIZED)
+    load_state(qmodel, weights)
     qmodel.harden()
     qmodel.set_quant(True, True)
     qmodel = qmodel.to(resolve_device(device)).eval()
-    return qmodel, cfg, read_json(run_dir / "report.json")
+    return qmodel, cfg, report
 
 
-def run_job(cfg: RunConfig, out: str | Path, device: str = "auto", progress: Progress | None = None) -> dict[str, Any]:
-    """Quantize per `cfg`, evaluate, and write `report.json` and `quantized.safetensors` into `out`."""
+def stored_config(run: RunFolder) -> RunConfig:
+    """The RunConfig a quantize run folder was written with (one line if its config.json is not one)."""
+    stored = dict(run.config)
+    stored.pop("method_config", None)
+    try:
+        return RunConfig(**stored)
+    except TypeError as err:
+        raise CorruptFileError(f"{run.file(CONFIG)} is not a quantize run config ({err}); {RESTART_HINT}") from None
+
+
+def run_job(cfg: RunConfig, out: str | Path, device: str = "auto", progress: Progress | None = None,
+            restart: bool = False, make_parents: bool = True) -> dict[str, Any]:
+    """Quantize per `cfg`, evaluate, and write `report.json` and `quantized.safetensors` into `out` (resuming what
+    is there; `restart` starts over). `make_parents=False`: the parent of `out` must exist (an explicit --out)."""
     start = time.perf_counter()
+    cfg.check_out(out, restart, make_parents)
     spec, mcfg = cfg.spec(), cfg.method_cfg()
     dev = resolve_device(device)
     model = build_model(cfg.model, cfg.weights)
     train, test = load_dataset(cfg.data_dir, "train"), load_dataset(cfg.data_dir, "test")
+    check_model_fits_data(model, cfg.data_dir, train=train, test=test)  # labels the model can score, before any work
     calib, holdout = calibration_set(train, cfg.calib_source, cfg.synth, cfg.calib_size, cfg.seed, cfg.holdout,
                                      cfg.mixed_synth)
     check_calibration(calib.images)  # before the run folder exists: a refused run leaves nothing behind
     qmodel = prepare_for(model, mcfg, spec, cfg.units).to(dev)
-    store = cfg.store(out)
+    store = cfg.store(out, restart, make_parents)
     fp_top1 = top1(model.to(dev), test, device=dev)
     ctx = JobContext(calib.images, calib.labels, holdout, store, progress or NullProgress(), Path(out), cfg.seed, dev)
     result = run_method(qmodel, mcfg, ctx)

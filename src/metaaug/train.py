@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from metaaug.data import load_dataset, only_classes
 from metaaug.data.augment import augment
@@ -20,6 +19,8 @@ from metaaug.environment import environment
 from metaaug.errors import ConfigError
 from metaaug.evaluate import top1
 from metaaug.models.registry import BUNDLED
+from metaaug.runs import files
+from metaaug.runs.folder import Checkpoints
 
 
 def train(name: str, epochs: int, batch: int, lr: float, wd: float, seed: int, out: Path,
@@ -33,20 +34,22 @@ def train(name: str, epochs: int, batch: int, lr: float, wd: float, seed: int, o
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd, nesterov=True)
     steps = epochs * (len(train_ds) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    start, first = time.time(), 0
-    # saved after every epoch: an interrupted run resumes from it (the name and recipe of all-class runs are unchanged)
-    progress = out / f"{name if classes is None else stem}_train_progress.pt"
+    start, first, acc = time.time(), 0, float("nan")
+    # a checkpoint after every epoch, beside the weights it will become: an interrupted run resumes from it
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoints, progress = Checkpoints(out), f"{name if classes is None else stem}_train_progress"
     recipe = [epochs, batch, lr, wd, seed] + ([] if classes is None else [list(classes)])
-    if progress.exists():
-        saved = torch.load(progress, weights_only=True)
-        if saved["recipe"] != recipe:
-            raise ConfigError(f"{progress} belongs to another recipe {saved['recipe']}; delete it to start over")
-        model.load_state_dict(saved["model"])
+    ckpt = checkpoints.load(progress)
+    if ckpt is not None:
+        if ckpt.info.get("recipe") != recipe:
+            raise ConfigError(f"{checkpoints.manifest(progress)} belongs to another recipe {ckpt.info.get('recipe')}; "
+                              "delete it to start over")
+        saved = ckpt.object("state")
+        model.load_state_dict(ckpt.tensors("model"))
         opt.load_state_dict(saved["opt"])
         sched.load_state_dict(saved["sched"])
         torch.set_rng_state(saved["rng"])
-        first, start = saved["epoch"], time.time() - saved["seconds"]
-    out.mkdir(parents=True, exist_ok=True)
+        first, start, acc = int(ckpt.info["epoch"]), time.time() - float(ckpt.info["seconds"]), float(ckpt.info["test_top1"])
     for epoch in range(first, epochs):
         model.train()
         perm = torch.randperm(len(train_ds))
@@ -60,17 +63,18 @@ def train(name: str, epochs: int, batch: int, lr: float, wd: float, seed: int, o
             sched.step()
         acc = top1(model.eval(), test_ds)
         print(f"{name} epoch {epoch + 1}/{epochs} loss {loss.item():.3f} test top-1 {acc:.2f} ({time.time() - start:.0f}s)", flush=True)
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": torch.get_rng_state(),
-                    "epoch": epoch + 1, "seconds": time.time() - start, "recipe": recipe}, progress)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"{stem}.safetensors"))
+        checkpoints.save(progress, {"epoch": epoch + 1, "seconds": time.time() - start, "recipe": recipe, "test_top1": acc},
+                         tensors={"model": model.state_dict()},
+                         objects={"state": {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": torch.get_rng_state()}})
+    files.save_tensors(out / f"{stem}.safetensors", model.state_dict())
     card = {"model": name, "test_top1": round(acc, 2), "epochs": epochs, "batch": batch, "max_lr": lr, "weight_decay": wd,
             "seed": seed, "optimizer": "SGD nesterov 0.9, OneCycle (15% warm-up), label smoothing 0.1",
             "augmentation": "random 2-pixel shift + horizontal flip", "seconds": round(time.time() - start),
             **environment(torch.device("cpu"))}
     if classes is not None:
         card["classes"] = list(classes)
-    (out / f"{stem}.json").write_text(json.dumps(card, indent=2) + "\n")
-    progress.unlink(missing_ok=True)
+    files.write_json(out / f"{stem}.json", card)
+    checkpoints.clear(progress)
     return card
 
 

@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+
+from metaaug.runs.files import atomic_path
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from metaaug.runs.summary import RunRow
+
+
+def save_figure(fig, path: Path, dpi: int, metadata: dict[str, str] | None = None) -> Path:
+    """Write a figure as PNG atomically (a kill mid-write leaves the old file or none), then close it. `metadata`:
+    PNG text chunks (e.g. Software), by which a command recognises a file it wrote and may replace."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png", metadata=metadata)
+    plt.close(fig)
+    return Path(path)
 
 
 def _show(ax, img: torch.Tensor) -> None:
@@ -35,9 +52,7 @@ def image_grid(rows: list[tuple[str, torch.Tensor]], path: Path, title: str) -> 
         axes[i][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, 80)
 
 
 def save_meta_plots(out_dir: Path, snapshots: list[tuple[str, torch.Tensor]], curves: dict[str, list[dict]]) -> list[str]:
@@ -62,8 +77,7 @@ def save_meta_plots(out_dir: Path, snapshots: list[tuple[str, torch.Tensor]], cu
             if key.startswith("grad_"):
                 ax.set_yscale("log")
         fig.tight_layout()
-        fig.savefig(out_dir / "meta_losses.png", dpi=80)
-        plt.close(fig)
+        save_figure(fig, out_dir / "meta_losses.png", 80)
         written.append("meta_losses.png")
     return written
 
@@ -88,8 +102,7 @@ def save_search_plots(out: Path, summary: dict, budget_kind: str) -> list[str]:
     ax.set_ylabel("held-out top-1 with generated weights (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "pareto.png", 110)
     panels = 2 if summary["meta_curve"] else 1
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
     hist = summary["history"]
@@ -105,6 +118,97 @@ def save_search_plots(out: Path, summary: dict, budget_kind: str) -> list[str]:
         axes[0][1].set_ylabel("KL to FP (mean over sampled policies)")
         axes[0][1].set_yscale("log")
     fig.tight_layout()
-    fig.savefig(out / "generations.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "generations.png", 110)
     return ["pareto.png", "generations.png"]
+
+
+def _place_labels(fig, ax, items: list[tuple[float, float, str, object, float]], fontsize: float) -> None:
+    """Annotate each point beside it, on the first side where the label's estimated box stays inside the axes and
+    covers no other label or point: runs at the same memory (one width by several methods) otherwise overwrite."""
+    fig.canvas.draw()  # the final layout, so that data coordinates map to the pixels the labels will take
+    px = fig.dpi / 72
+    char_w, line_h = 0.6 * fontsize * px, 1.25 * fontsize * px
+    points = [tuple(ax.transData.transform((x, y))) for x, y, *_ in items]
+    frame = ax.get_window_extent()
+    marks = [(x - r * px, y - r * px, x + r * px, y + r * px) for (x, y), (*_, r) in zip(points, items, strict=True)]
+    labels: list[tuple[float, float, float, float]] = []
+    for i, ((x, y, text, colour, r), (sx, sy)) in enumerate(zip(items, points, strict=True)):
+        g = r + 1  # the gap between the point's centre and its label, in points
+        sides = [(g, 2, "left"), (g, -10, "left"), (-g, 2, "right"), (-g, -10, "right"), (g, g + 5, "left"), (g, -g - 13, "left")]
+        w = len(text) * char_w
+        chosen = sides[0]
+        others = labels + marks[:i] + marks[i + 1:]  # its own point is beside the label, never under it
+        for side in sides:
+            dx, dy = side[0] * px, side[1] * px
+            box = (sx + dx if dx > 0 else sx + dx - w, sy + dy, (sx + dx + w) if dx > 0 else sx + dx, sy + dy + line_h)
+            inside = frame.x0 <= box[0] and box[2] <= frame.x1 and frame.y0 <= box[1] and box[3] <= frame.y1
+            if inside and not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in others):
+                chosen = side
+                break
+        dx, dy, ha = chosen[0] * px, chosen[1] * px, chosen[2]
+        labels.append((sx + dx if dx > 0 else sx + dx - w, sy + dy, (sx + dx + w) if dx > 0 else sx + dx, sy + dy + line_h))
+        ax.annotate(text, (x, y), xytext=chosen[:2], textcoords="offset points", ha=ha, va="bottom", fontsize=fontsize, color=colour)
+
+
+def save_runs_plot(rows: Sequence[RunRow], path: Path, axis: str = "memory", metadata: dict[str, str] | None = None) -> Path:
+    """Top-1 against weight memory (KB) or BOPs, each run (or QAT width) a point: the trade-off a user of mixed
+    precision weighs. Uniform widths are circles, per-layer policies (quantize --policy, search results) stars, a
+    search's held-out top-1 a hollow star; colour is the method (and its labels), one panel per model, the FP model a
+    dashed line; the x axis is logarithmic when it spans more than 8x."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    models = sorted({r.model or "?" for r in rows})
+    methods = sorted({r.method or "?" for r in rows})
+    colour = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, len(models), figsize=(5.4 * len(models) + 2.6, 4.8), squeeze=False, layout="constrained")
+    labels: list[tuple[object, list]] = []
+    for ax, model in zip(axes[0], models, strict=True):
+        mine = [r for r in rows if (r.model or "?") == model]
+        xs = [float(r.x(axis)) / (1e9 if axis == "bops" else 1) for r in mine]
+        items = []
+        for r, x in zip(mine, xs, strict=True):
+            c = colour[r.method or "?"]
+            if r.mixed:
+                ax.scatter([x], [r.top1], marker="*", s=200, facecolors="white" if r.heldout else [c], edgecolors=[c],
+                           linewidths=1.3, zorder=3)
+            else:
+                ax.scatter([x], [r.top1], marker="o", s=46, color=c, edgecolors="white", linewidths=0.6, zorder=3)
+            label = f"mix {r.avg_wbits:.1f}b" if r.mixed and r.avg_wbits is not None else (r.bits or "").upper()
+            if label:
+                items.append((x, r.top1, label, c, 7.5 if r.mixed else 4.0))
+        fps = sorted({r.fp_top1 for r in mine if r.fp_top1 is not None})
+        for fp in fps:
+            ax.axhline(fp, color="0.45", linestyle="--", linewidth=1, zorder=1)
+            ax.annotate(f"FP {fp:g}", (0.01, fp), xycoords=("axes fraction", "data"), xytext=(0, -3), textcoords="offset points",
+                        va="top", fontsize=7.5, color="0.35")
+        ys = [r.top1 for r in mine] + fps
+        margin = (max(ys) - min(ys)) * 0.06 or 1.0
+        ax.set_ylim(min(ys) - margin, max(ys) + margin)
+        lo, hi = min(xs), max(xs)
+        if hi > 8 * lo > 0:
+            ax.set_xscale("log")
+            ax.set_xlim(lo / 1.25, hi * 1.6)  # room for the labels right of the points
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        else:
+            pad = (hi - lo) * 0.08 or hi * 0.05 or 1.0
+            ax.set_xlim(lo - pad, hi + 2 * pad)
+        ax.set_title(model, fontsize=10)
+        ax.set_xlabel("weight memory (KB)" if axis == "memory" else "BOPs per image (G)")
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(True, alpha=0.3)
+        labels.append((ax, items))
+    handles = [Line2D([], [], marker="s", linestyle="none", color=colour[m], markersize=8, label=m) for m in methods]
+    kinds = [("uniform width", {"marker": "o", "markerfacecolor": "0.4"}, any(not r.mixed for r in rows)),
+             ("mixed precision (policy)", {"marker": "*", "markerfacecolor": "0.4"}, any(r.mixed and not r.heldout for r in rows)),
+             ("search result (held-out top-1)", {"marker": "*", "markerfacecolor": "white"}, any(r.heldout for r in rows)),
+             ("FP model (test top-1)", {"marker": None, "linestyle": "--"}, any(r.fp_top1 is not None for r in rows))]
+    handles += [Line2D([], [], color="0.4", markersize=12 if style.get("marker") == "*" else 7, linestyle=style.pop("linestyle", "none"),
+                       label=name, **style) for name, style, present in kinds if present]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
+    fig.suptitle(f"top-1 vs {'weight memory' if axis == 'memory' else 'BOPs'} ({len(rows)} point{'s' * (len(rows) != 1)})", fontsize=11)
+    for ax, items in labels:
+        _place_labels(fig, ax, items, 7.5)
+    return save_figure(fig, path, 120, metadata)

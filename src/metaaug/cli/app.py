@@ -9,10 +9,12 @@ from typing import Annotated
 
 import typer
 
-from metaaug.cli.common import app, console, friendly, out_console, parse_options
+from metaaug.cli.common import app, console, friendly, out_console, parse_ints, parse_options, refuse_set
+from metaaug.config_check import SEED, check_value
 from metaaug.errors import MetaAugError
 from metaaug.methods.registry import method_names
 from metaaug.quant.policy import Policy
+from metaaug.runs.outputs import check_output_file
 
 
 @app.command()
@@ -39,13 +41,15 @@ def quantize(
     synth: Annotated[str | None, typer.Option(help="folder written by `metaaug synth` (for --calib-source synthetic|mixed)")] = None,
     mixed_synth: Annotated[int | None, typer.Option(help="--calib-source mixed: synthetic images to add (stratified; default all)")] = None,
     policy: Annotated[Path | None, typer.Option(help="policy.json with per-layer bits (mixed precision); replaces --wbits/--abits")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="start the run folder over (its progress and results are deleted)")] = False,
 ) -> None:
     """Quantize a model and write report.json + quantized.safetensors to the run folder (resumes if interrupted)."""
     from metaaug.cli.progress import RichProgress, report_table
     from metaaug.pipeline import RunConfig, run_job
 
-    options = parse_options(option or [])
+    options: dict[str, object] = dict(parse_options(option or []))
     if meta_iters is not None:
+        refuse_set(options, {"meta_iters": "--meta-iters"})
         options["meta_iters"] = meta_iters
     cfg = RunConfig(model=model, weights=weights, method=method, wbits=wbits, abits=abits, calib_size=calib_size,
                     iters=iters, seed=seed, data_dir=data_dir, fold_bn=not no_fold_bn,
@@ -55,9 +59,11 @@ def quantize(
     cfg.spec()
     cfg.method_cfg()
     bits = "policy" if policy is not None else f"w{wbits}a{abits}"
+    explicit = out is not None
     out = out or Path("runs") / f"{Path(model.split(':')[0]).stem}-{method}-{bits}-s{seed}"
+    cfg.check_out(out, restart, make_parents=not explicit)
     with RichProgress(console) as prog:
-        report = run_job(cfg, out, device, prog)
+        report = run_job(cfg, out, device, prog, restart=restart, make_parents=not explicit)
     out_console.print(report_table(report))
     out_console.print(f"run folder: {out}")
 
@@ -77,34 +83,34 @@ def eval_(
 
     if (run is None) == (quantized is None):
         raise MetaAugError("give exactly one of --run or --quantized")
-    if run is not None and (bits is not None or _is_qat(run)):
-        from metaaug.qat.job import eval_width, parse_width
-
-        if bits is None:
-            raise MetaAugError(f"{run} is a QAT run: give the width to evaluate with --bits (e.g. --bits 4)")
-        result = eval_width(run, parse_width(bits), device)
-        typer.echo(json.dumps(result))
-        if result["report_quant_top1"] is not None and result["report_quant_top1"] != result["quant_top1"]:
-            raise typer.Exit(1)
-        return
-    if bits is not None:
-        raise MetaAugError("--bits applies to QAT run folders only; a packed file holds one width")
+    acc = None
     if quantized is not None:
+        if bits is not None:
+            raise MetaAugError("--bits applies to QAT run folders only; a packed file holds one width")
         from metaaug.environment import resolve_device
         from metaaug.export.pack import load_quantized, read_metadata
 
         extra = read_metadata(quantized)["extra"]
-        qmodel, expected, data_dir = load_quantized(quantized, resolve_device(device)), extra.get("quant_top1"), data_dir or extra.get("data_dir")
-        source = {"quantized": str(quantized)}
+        qmodel, source = load_quantized(quantized, resolve_device(device)), {"quantized": str(quantized)}
     else:
-        from metaaug.pipeline import load_run
+        from metaaug.qat.job import eval_width
+        from metaaug.runs.opened import open_run
 
-        qmodel, cfg, report = load_run(run, device)
-        expected, data_dir, source = report.get("quant_top1"), data_dir or cfg.data_dir, {"run": str(run)}
-    acc = round(top1(qmodel, load_dataset(data_dir, "test"), device=next(qmodel.parameters()).device), 2)
-    same = acc == expected
+        opened = open_run(run, "eval")
+        width = opened.check_bits(bits)  # before anything is loaded
+        if width is not None:  # on the run's own test split (a few-shot run's seen classes only)
+            result = eval_width(run, width, device)
+            acc, extra = result.pop("quant_top1"), {"quant_top1": result.pop("report_quant_top1")}
+            source = result
+        else:
+            qmodel, meta = opened.view(None, device)
+            extra, source = meta["extra"], {"run": str(run)}
+    expected, data_dir = extra.get("quant_top1"), data_dir or extra.get("data_dir")
+    if acc is None:
+        acc = round(top1(qmodel, load_dataset(data_dir, "test"), device=next(qmodel.parameters()).device), 2)
+    same = None if expected is None else acc == expected  # None: the run reported no top-1 for this width to compare
     typer.echo(json.dumps({**source, "quant_top1": acc, "report_quant_top1": expected, "reproduced": same}))
-    if not same:
+    if same is False:
         raise typer.Exit(1)
 
 
@@ -123,7 +129,9 @@ def train(
 
     if model not in BUNDLED:
         raise MetaAugError(f"unknown model {model!r}; trainable: {', '.join(BUNDLED)}")
-    seen = tuple(int(c) for c in classes.split(",")) if classes else None
+    check_value("--epochs", epochs, ">= 1")
+    check_value("--seed", seed, SEED)
+    seen = parse_ints(classes, "--classes")
     card = train_fn(model, epochs, 128, 0.2, 5e-4, seed, out or WEIGHTS_DIR, seen)
     out_console.print_json(json.dumps(card))
 
@@ -160,6 +168,7 @@ def cost(
     abits: Annotated[int, typer.Option(help="uniform activation bits when no --policy")] = 4,
     data_dir: Annotated[str | None, typer.Option(help="data whose image shape the model takes")] = None,
     write_policy: Annotated[Path | None, typer.Option(help="write the costed policy as JSON (a template to edit)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="--write-policy may overwrite a file `metaaug cost` did not write")] = False,
 ) -> None:
     """Weight memory and BOPs of a bit-width policy, per layer and in total, against FP32 and uniform W8A8."""
     from metaaug.cli.progress import cost_table
@@ -168,22 +177,29 @@ def cost(
     from metaaug.quant.cost import model_bits, model_cost
     from metaaug.quant.prepare import QuantSpec, prepare
 
+    if write_policy is not None:
+        check_output_file(write_policy, "--write-policy", "metaaug cost", written_by_cost, force)
     spec = QuantSpec(wbits, abits, policy=None if policy is None else Policy.load(policy))
     qmodel = prepare(build_model(model, weights), spec, "layer")
     report = model_cost(qmodel, load_dataset(data_dir, "test").images[:1])
     out_console.print(cost_table(report))
     if write_policy is not None:
-        Policy(model_bits(qmodel)).save(write_policy)
+        Policy(model_bits(qmodel)).save(write_policy, written_by=COST_MARK)
         out_console.print(f"policy written to {write_policy}")
 
 
-def _is_qat(run: Path) -> bool:
-    from metaaug.qat.job import is_qat_run
-
-    return is_qat_run(run)
+COST_MARK = "metaaug cost"
 
 
-from metaaug.cli import export_cmd, qat_cmd, search_cmd, synth_cmd  # noqa: E402,F401  (register their commands)
+def written_by_cost(path: Path) -> bool:
+    """A policy file an earlier `metaaug cost --write-policy` wrote (it carries the mark), which it may replace."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("written_by") == COST_MARK
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+
+
+from metaaug.cli import export_cmd, qat_cmd, runs_cmd, search_cmd, synth_cmd  # noqa: E402,F401  (register their commands)
 
 
 def main() -> None:

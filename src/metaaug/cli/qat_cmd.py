@@ -12,20 +12,9 @@ import typer
 from rich.table import Table
 
 from metaaug.cli.common import app, console, friendly, out_console
+from metaaug.cli.common import parse_ints as parse_bits
 from metaaug.errors import ConfigError
 from metaaug.qat.config import QAT_METHODS
-
-
-def parse_bits(text: str | None, what: str) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        bits = tuple(int(b) for b in text.split(",") if b.strip())
-    except ValueError:
-        raise ConfigError(f"{what} must be comma-separated integers, got {text!r}") from None
-    if not bits:
-        raise ConfigError(f"{what} is empty; give e.g. 2,4,8")
-    return bits
 
 
 @app.command()
@@ -47,6 +36,7 @@ def qat(
     data_dir: Annotated[str | None, typer.Option()] = None,
     device: Annotated[str, typer.Option()] = "auto",
     out: Annotated[Path | None, typer.Option(help="run folder (default runs/<model>-qat-<method>-s<seed>)")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="start the run folder over (its progress and results are deleted)")] = False,
 ) -> None:
     """Quantization-aware training of one model for several bit-widths; resumable; report.json + accuracy.png."""
     from metaaug.cli.progress import RichPhases
@@ -57,9 +47,11 @@ def qat(
                     steps=steps, tasks=tasks, lr=lr, batch=batch, share_quantizers=share_quantizers,
                     classes=parse_bits(classes, "--classes"))
     job = QATJob(model=model, weights=weights, data_dir=data_dir, seed=seed, qat=cfg)
+    explicit = out is not None
     out = out or Path("runs") / f"{Path(model.split(':')[0]).stem}-qat-{method}-s{seed}"
     with RichPhases(console) as prog:
-        report = run_qat(job, out, device, prog, command="metaaug " + shlex.join(sys.argv[1:]))
+        report = run_qat(job, out, device, prog, command="metaaug " + shlex.join(sys.argv[1:]), restart=restart,
+                         make_parents=not explicit)
     table = Table(title=f"{model} {method}: test top-1 per width ({report['test_images']} images)")
     for col in ("width", "top1", "kind"):
         table.add_column(col)
@@ -84,14 +76,20 @@ def fewshot(
     heads: Annotated[str, typer.Option(help="proto (prototypes) and/or maml (first-order MAML linear head)")] = "proto,maml",
     seed: Annotated[int, typer.Option()] = 0,
     out: Annotated[Path | None, typer.Option(help="JSON file for the results (default <run>/fewshot.json)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="--out may overwrite a file `metaaug fewshot` did not write")] = False,
 ) -> None:
     """N-way K-shot episodes on the classes the run did not train on, at each width: mean accuracy and 95% interval."""
     from metaaug.qat.fewshot import EpisodeConfig, run_fewshot
 
-    widths = [None if b.strip() == "fp" else int(b) for b in bits.split(",") if b.strip()]
+    try:
+        widths = [None if b.strip() == "fp" else int(b) for b in bits.split(",") if b.strip()]
+    except ValueError:
+        raise ConfigError(f"--bits must be comma-separated widths or fp, got {bits!r}") from None
+    if not widths:
+        raise ConfigError("--bits is empty; give e.g. fp,2,4,8")
     cfg = EpisodeConfig(ways=ways, shots=parse_bits(shots, "--shots"), queries=queries, episodes=episodes,
                         heads=tuple(h.strip() for h in heads.split(",") if h.strip()), seed=seed)
-    results = run_fewshot(run, widths, cfg, out)
+    results = run_fewshot(run, widths, cfg, out, force)
     table = Table(title=f"{ways}-way episodes on unseen classes {results['unseen_classes']} ({episodes} each)")
     for col in ("width", "head", "K", "accuracy", "95% interval"):
         table.add_column(col)

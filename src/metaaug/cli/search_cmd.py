@@ -7,20 +7,11 @@ from typing import Annotated
 
 import typer
 
-from metaaug.cli.common import app, console, friendly, out_console
+from metaaug.cli.common import app, console, friendly, out_console, parse_ints
 from metaaug.cli.progress import RichPhases
 from metaaug.errors import ConfigError
 
 SPEC = "; or a uniform policy's: W3A3, 1.1xW2"
-
-
-def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"{what} must be comma-separated integers, got {text!r}") from None
 
 
 @app.command()
@@ -50,11 +41,13 @@ def search(
     seed: Annotated[int, typer.Option()] = 0,
     data_dir: Annotated[str | None, typer.Option()] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    out: Annotated[Path, typer.Option(help="folder for policy.json, search.json and plots (resumes if interrupted)")] = Path("runs/search"),
+    out: Annotated[Path | None, typer.Option(help="run folder for policy.json, search.json, plots (resumable; default runs/search)")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="start the run folder over (its progress and results are deleted)")] = False,
 ) -> None:
     """Train MetaQuantNet once, search per-layer bits with a genetic algorithm under one budget, write policy.json.
     Finish the policy with `metaaug quantize --policy DIR/policy.json`."""
     from metaaug.search import GAConfig, MetaQuantConfig, SearchConfig, run_search
+    from metaaug.search.job import check_ray_address
     from metaaug.search.space import cost_value
 
     budgets = {k: v for k, v in {"avg_wbits": avg_wbits, "weight_kb": weight_kb, "weight_vs_w8": weight_vs_w8,
@@ -64,14 +57,19 @@ def search(
     (kind, limit), = budgets.items()
     if meta_steps < 0:
         raise ConfigError(f"--meta-steps must be >= 0, got {meta_steps}")
-    cfg = SearchConfig(model=model, weights=weights, wbits_choices=_ints(wbits_choices, "--wbits-choices") or (),
-                       abits_choices=_ints(abits_choices, "--abits-choices"), abits=abits, budget_kind=kind, budget=limit,
+    cfg = SearchConfig(model=model, weights=weights, wbits_choices=parse_ints(wbits_choices, "--wbits-choices"),
+                       abits_choices=parse_ints(abits_choices, "--abits-choices"), abits=abits, budget_kind=kind, budget=limit,
                        calib_size=calib_size, holdout=holdout, seed=seed, data_dir=data_dir, fitness=fitness,
                        strategy=strategy, evaluations=evaluations, meta_images=meta_images,
                        proxy="metaquant" if meta_steps > 0 else "rtn", meta=MetaQuantConfig(steps=meta_steps),
                        ga=GAConfig(population=population, generations=generations))
+    if ray or ray_address is not None:
+        check_ray_address(ray_address)  # before MetaQuantNet training, not after it
+    explicit = out is not None
+    out = out or Path("runs/search")
     with RichPhases(console) as prog:
-        summary = run_search(cfg, out, device, prog, ray=ray or ray_address is not None, ray_address=ray_address)
+        summary = run_search(cfg, out, device, prog, ray=ray or ray_address is not None, ray_address=ray_address,
+                             restart=restart, make_parents=not explicit)
     best = summary["best"]
     limit = summary["budget"]["limit"]
     named = "" if limit == cfg.budget else f" ({cfg.budget})"

@@ -5,9 +5,6 @@ Shared by `metaaug export` and `bench/export.py`; results are merged into `<run>
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,9 +13,11 @@ import torch
 
 from metaaug.data import load_dataset
 from metaaug.data.datasets import ImageDataset
-from metaaug.errors import ModelError
+from metaaug.errors import MetaAugError, ModelError
 from metaaug.evaluate import accuracy, logits_of
-from metaaug.pipeline import load_run
+from metaaug.runs import files
+from metaaug.runs.opened import open_run
+from metaaug.runs.outputs import check_output_file
 
 EXPORT_JSON = "export.json"
 
@@ -32,15 +31,49 @@ def fp_checkpoint_path(model: str, weights: str | None) -> Path | None:
     return bundled_weights(model) if model in BUNDLED else None
 
 
-def record(run_dir: str | Path, results: dict[str, Any]) -> dict[str, Any]:
-    """Merge `results` into `<run>/export.json` (one file for both formats) and return the merged dict."""
+def record(run_dir: str | Path, results: dict[str, Any], width: str | None = None) -> dict[str, Any]:
+    """Merge `results` into `<run>/export.json` (one file for both formats) and return the merged dict. A QAT run's
+    results are kept per width (`{"widths": {"w4a4": {...}}}`), so exports of two widths never mix."""
     path = Path(run_dir) / EXPORT_JSON
-    merged = json.loads(path.read_text()) if path.exists() else {}
-    merged.update(results)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(merged, indent=2) + "\n")
-    os.replace(tmp, path)
+    merged = files.read_json(path, "export results") if path.exists() else {}
+    if not isinstance(merged, dict):
+        merged = {}
+    if width is None:
+        merged.update(results)
+    else:
+        merged.setdefault("widths", {}).setdefault(width, {}).update({"width": width, **results})
+    files.write_json(path, merged)
     return merged
+
+
+def is_onnx_export(path: Path) -> bool:
+    """An ONNX file metaaug wrote (an earlier export, which the next one may replace)."""
+    try:
+        import onnx
+
+        return onnx.load(str(path), load_external_data=False).producer_name == "metaaug"
+    except Exception:  # not ONNX, truncated, or onnx not installed: not ours to replace
+        return False
+
+
+def is_packed_export(path: Path) -> bool:
+    from metaaug.export.pack import read_metadata
+
+    try:
+        read_metadata(path)
+        return True
+    except MetaAugError:
+        return False
+
+
+def check_export_out(run_dir: str | Path, out: str | Path, format: str, force: bool = False) -> Path:
+    """Where the export may go: never over the run's own files or a file another command wrote (without
+    `force`), never into another job's run folder. Checked before anything is loaded."""
+    from metaaug.runs.folder import RunFolder
+
+    run = RunFolder.open(run_dir, ("quantize", "qat"), "export")
+    owned = is_onnx_export if format == "onnx" else is_packed_export
+    return check_output_file(out, "--out", "metaaug export", owned, force, own_run=run)
 
 
 def _test_set(run_data_dir: str | None, data_dir: str | None, limit: int | None) -> ImageDataset:
@@ -51,21 +84,14 @@ def _test_set(run_data_dir: str | None, data_dir: str | None, limit: int | None)
 def load_for_export(run_dir: str | Path, bits: str | None = None) -> tuple[Any, dict[str, Any]]:
     """The run's quantized model and what the packed file records of it: a `quantize` run as it is, a `qat` run at
     the width `bits` (e.g. '4' or '2,4')."""
-    from metaaug.qat.job import export_view, is_qat_run, parse_width
+    return open_run(run_dir, "export").view(bits, "cpu")
 
-    if is_qat_run(run_dir):
-        if bits is None:
-            raise ModelError(f"{run_dir} is a QAT run: give the width to export with --bits (e.g. --bits 4)")
-        qmodel, meta = export_view(run_dir, parse_width(bits))
-        return qmodel, meta
-    if bits is not None:
-        raise ModelError(f"--bits applies to QAT run folders only; {run_dir} holds one quantized width")
-    qmodel, cfg, report = load_run(run_dir, "cpu")
-    units = cfg.units if cfg.units is not None else cfg.method_cfg().units
-    extra = {"quant_top1": report.get("quant_top1"), "fp_top1": report.get("fp_top1"), "data_dir": cfg.data_dir,
-             "wbits": cfg.wbits, "abits": cfg.abits}
-    return qmodel, {"model": cfg.model, "method": cfg.method, "spec": dataclasses.asdict(cfg.spec()), "units": units,
-                    "extra": extra, "weights": cfg.weights, "data_dir": cfg.data_dir}
+
+def _width(bits: str | None) -> str | None:
+    from metaaug.qat.job import parse_width
+    from metaaug.qat.switchable import width_name
+
+    return None if bits is None else width_name(parse_width(bits))
 
 
 def export_onnx_run(run_dir: str | Path, out: str | Path, data_dir: str | None = None, limit: int | None = None,
@@ -81,15 +107,31 @@ def export_onnx_run(run_dir: str | Path, out: str | Path, data_dir: str | None =
     require_onnx()
     qmodel, meta = load_for_export(run_dir, bits)
     test = _test_set(meta["data_dir"], data_dir, limit)
-    start = time.perf_counter()
-    export_onnx(qmodel, out, test.images[:1], act_int4=act_int4)
-    export_s = time.perf_counter() - start
-    ref = logits_of(qmodel, test.images)
-    got = onnx_logits(out, test.images, threads=torch.get_num_threads())
+    with files.atomic_path(out) as tmp:  # published only once the check passes: a failed export leaves no file
+        start = time.perf_counter()
+        export_onnx(qmodel, tmp, test.images[:1], act_int4=act_int4)
+        export_s = time.perf_counter() - start
+        ref = logits_of(qmodel, test.images)
+        try:
+            got = onnx_logits(tmp, test.images, threads=torch.get_num_threads())
+        except Exception as err:  # onnxruntime refuses the graph (e.g. an operator type it does not implement)
+            raise ModelError(f"onnxruntime cannot run the exported graph, nothing written: {str(err).splitlines()[0][:300]}") from None
+        results, ok = _onnx_results(out, tmp, test, ref, got, act_int4, export_s, tol_top1, min_agreement)
+        record(run_dir, results, _width(bits))
+        if not ok:
+            raise ModelError(f"onnxruntime disagrees with the PyTorch fake-quant model, nothing written: top-1 "
+                             f"{results['onnx_top1']:.2f} vs {results['torch_top1']:.2f} (tolerance {tol_top1} points), "
+                             f"{results['onnx_agreement']:.2f}% predictions agree (need {min_agreement}%), "
+                             f"max |logit diff| {results['max_abs_logit_diff']}")
+    return results
+
+
+def _onnx_results(out: str | Path, tmp: Path, test: ImageDataset, ref: torch.Tensor, got: torch.Tensor, act_int4: bool,
+                  export_s: float, tol_top1: float, min_agreement: float) -> tuple[dict[str, Any], bool]:
     onnx_top1, torch_top1 = accuracy(got, test.labels), accuracy(ref, test.labels)
     agreement = 100.0 * float((got.argmax(1) == ref.argmax(1)).float().mean())
     results = {
-        "onnx_path": str(out), "onnx_bytes": Path(out).stat().st_size, "onnx_images": len(test),
+        "onnx_path": str(out), "onnx_bytes": tmp.stat().st_size, "onnx_images": len(test),
         "onnx_top1": round(onnx_top1, 2), "torch_top1": round(torch_top1, 2),
         "onnx_agreement": round(agreement, 2), "max_abs_logit_diff": round(float((got - ref).abs().max()), 6),
         "onnx_act_int4": act_int4, "onnx_export_seconds": round(export_s, 2),
@@ -97,12 +139,7 @@ def export_onnx_run(run_dir: str | Path, out: str | Path, data_dir: str | None =
     }
     ok = abs(onnx_top1 - torch_top1) <= tol_top1 and agreement >= min_agreement
     results["onnx_check"] = "passed" if ok else "failed"
-    record(run_dir, results)
-    if not ok:
-        raise ModelError(f"onnxruntime disagrees with the PyTorch fake-quant model: top-1 {onnx_top1:.2f} vs {torch_top1:.2f} "
-                         f"(tolerance {tol_top1} points), {agreement:.2f}% predictions agree (need {min_agreement}%), "
-                         f"max |logit diff| {results['max_abs_logit_diff']}")
-    return results
+    return results, ok
 
 
 def export_packed_run(run_dir: str | Path, out: str | Path, data_dir: str | None = None, limit: int | None = None,
@@ -111,11 +148,22 @@ def export_packed_run(run_dir: str | Path, out: str | Path, data_dir: str | None
     from metaaug.export.pack import load_quantized, save_packed
 
     qmodel, meta = load_for_export(run_dir, bits)
-    sizes = save_packed(qmodel, out, {k: meta[k] for k in ("model", "method", "spec", "units", "extra")})
     test = _test_set(meta["data_dir"], data_dir, limit)
-    ref = logits_of(qmodel, test.images)
-    got = logits_of(load_quantized(out), test.images)
-    diff = float((got - ref).abs().max())
+    with files.atomic_path(out) as tmp:  # published only once the rebuilt model matches: a failed check leaves no file
+        sizes = save_packed(qmodel, tmp, {k: meta[k] for k in ("model", "method", "spec", "units", "extra")})
+        ref = logits_of(qmodel, test.images)
+        got = logits_of(load_quantized(tmp), test.images)
+        diff = float((got - ref).abs().max())
+        results = _packed_results(out, sizes, meta, test, ref, got, diff)
+        record(run_dir, results, _width(bits))
+        if diff != 0.0:
+            raise ModelError(f"the model rebuilt from the packed file differs from the run's model (max |logit diff| {diff:g}), "
+                             "nothing written")
+    return results
+
+
+def _packed_results(out: str | Path, sizes: dict[str, int], meta: dict[str, Any], test: ImageDataset, ref: torch.Tensor,
+                    got: torch.Tensor, diff: float) -> dict[str, Any]:
     ckpt = fp_checkpoint_path(meta["model"], meta["weights"])
     ckpt_bytes = ckpt.stat().st_size if ckpt is not None and ckpt.is_file() else None
     results = {
@@ -127,8 +175,5 @@ def export_packed_run(run_dir: str | Path, out: str | Path, data_dir: str | None
         "packed_top1": round(accuracy(got, test.labels), 2), "packed_torch_top1": round(accuracy(ref, test.labels), 2),
         "packed_max_abs_logit_diff": diff,
     }
-    record(run_dir, results)
-    if diff != 0.0:
-        raise ModelError(f"the model rebuilt from {out} differs from the run's model (max |logit diff| {diff:g})")
     return results
 

@@ -28,6 +28,7 @@ from metaaug.export.pack import pack_bits, uint_weights
 from metaaug.quant.layers import QuantLayer
 from metaaug.quant.prepare import QuantModel
 from metaaug.quant.quantizers import ActQuantizer
+from metaaug.runs.files import atomic_path
 
 OPSET = 21  # first opset with int4/uint4 QuantizeLinear/DequantizeLinear
 BIAS_QUANT_PASS = "WeightBiasQuantization"
@@ -299,8 +300,9 @@ def build_onnx(qmodel: QuantModel, example: torch.Tensor, act_int4: bool = True)
 def export_onnx(qmodel: QuantModel, path: str | Path, example: torch.Tensor, act_int4: bool = True) -> Path:
     onnx, _ = require_onnx()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(build_onnx(qmodel.cpu().eval(), example, act_int4), str(path))
+    model = build_onnx(qmodel.cpu().eval(), example, act_int4)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
     return path
 
 

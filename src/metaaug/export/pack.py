@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from metaaug.errors import ConfigError, ModelError
 from metaaug.quant.prepare import QuantModel, QuantSpec, prepare
+from metaaug.runs.files import atomic_path
 
 FORMAT = "metaaug.packed/1"
 # state-dict entries the flat tensors replace; everything else (unfolded BN, ...) is stored under `rest.`
@@ -126,8 +127,8 @@ def save_packed(qmodel: QuantModel, path: str | Path, meta: dict[str, Any]) -> d
         "extra": json.dumps(meta.get("extra", {}), separators=(",", ":")),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=header)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
     return {
         "file_bytes": path.stat().st_size,
         "packed_weight_bytes": int(tensors["weights"].numel()),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from metaaug.config_check import Ranges
 from metaaug.errors import ConfigError
 from metaaug.methods.configs import QDropConfig
 from metaaug.synth.data import check_synth_folder
@@ -37,6 +38,12 @@ class MetaAugConfig(QDropConfig):
     """
 
     name: ClassVar[str] = "metaaug"
+    RANGES: ClassVar[Ranges] = {
+        "meta_iters": ">= 0", "meta_decay": ">= 0", "meta_batch": ">= 1", "alpha": ">= 0", "beta": ">= 0", "gamma": ">= 0",
+        "eps": ">= 0", "temperature": "> 0", "lr_t": "> 0", "clip": "> 0", "inner_optimizer": INNER_OPTIMIZERS,
+        "inner_lookahead": "> 0", "inner_steps": ">= 1", "meta_schedule": SCHEDULES, "balance": BALANCES, "aux_cap": "> 0",
+        "t_width": ">= 1", "val_views": ">= 0", "log_every": ">= 1",
+    }
     meta_iters: int = 500
     meta_decay: float = 1.0
     meta_batch: int = 32
@@ -62,29 +69,16 @@ class MetaAugConfig(QDropConfig):
     terms: tuple[str, ...] = field(default=("kl", "margin", "pkt"))
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.inner_optimizer not in INNER_OPTIMIZERS:
-            raise ConfigError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {self.inner_optimizer!r}")
-        if self.balance not in BALANCES:
-            raise ConfigError(f"balance must be one of {BALANCES}, got {self.balance!r}")
-        if self.meta_schedule not in SCHEDULES:
-            raise ConfigError(f"meta_schedule must be one of {SCHEDULES}, got {self.meta_schedule!r}")
-        if self.meta_schedule == "spread" and (self.iters == 0 or not self.use_transformed):
-            raise ConfigError("meta_schedule='spread' needs reconstruction steps (iters > 0) and use_transformed=True")
-        if self.inner_steps < 1:
-            raise ConfigError(f"inner_steps must be >= 1, got {self.inner_steps}")
-        if self.meta_iters < 0:
-            raise ConfigError(f"meta_iters must be >= 0, got {self.meta_iters}")
-        if self.val_views < 0:
-            raise ConfigError(f"val_views must be >= 0, got {self.val_views}")
-        if self.val_synth is not None:
-            check_synth_folder(self.val_synth)
-        if isinstance(self.terms, str):  # "kl+pkt" from the CLI or a benchmark variant
+        if isinstance(self.terms, str):  # "kl+pkt", a benchmark variant's syntax, before the type check
             self.terms = tuple(filter(None, self.terms.split("+")))
+        super().__post_init__()
         bad = set(self.terms) - {"kl", "margin", "pkt", "mse"}
         if bad:
             raise ConfigError(f"unknown MetaAug loss term(s) {sorted(bad)}; use kl, mse, margin, pkt")
-        self.terms = tuple(self.terms)
+        if self.meta_schedule == "spread" and (self.iters == 0 or not self.use_transformed):
+            raise ConfigError("meta_schedule='spread' needs reconstruction steps (iters > 0) and use_transformed=True")
+        if self.val_synth is not None:
+            check_synth_folder(self.val_synth)
 
     @classmethod
     def paper(cls, **overrides) -> MetaAugConfig:

@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 
+from metaaug.config_check import coerce_options
 from metaaug.data.datasets import ImageDataset
 from metaaug.errors import ConfigError
 from metaaug.progress import NullProgress, Progress, UnitStats
 from metaaug.quant.prepare import QuantModel
 from metaaug.recon.config import ReconConfig
-from metaaug.store import RunStore
+from metaaug.runs.store import RunStore
 
 BUILTIN = ("metaaug.methods.configs", "metaaug.methods.metaaug")
 ENTRY_POINT_GROUP = "metaaug.methods"
@@ -103,16 +104,19 @@ def config_dict(cfg: Any) -> dict[str, Any]:
 
 
 def method_config(method: Any, **overrides: Any) -> Any:
-    """A method's config from its name (with overrides) or a config passed through (overrides applied)."""
+    """A method's config from its name (with overrides) or a config passed through (overrides applied). Overrides
+    may be `--set` strings: each is coerced to its field's type, and the config checks every value."""
     if dataclasses.is_dataclass(method) and not isinstance(method, type):
         handler_for(method)
-        return dataclasses.replace(method, **overrides) if overrides else method
+        cls = type(method)
+        return dataclasses.replace(method, **coerce_options(cls, overrides, getattr(cls, "name", cls.__name__))) if overrides else method
+    cls = method_class(method)
+    return cls(**coerce_options(cls, overrides, method))
+
+
+def method_class(method: str) -> type:
+    """The config type of a method name, or one line listing the names."""
     types = config_types()
     if method not in types:
         raise ConfigError(f"unknown method {method!r}; choose from {', '.join(types)}")
-    cls = types[method]
-    names = {f.name for f in dataclasses.fields(cls)}
-    bad = sorted(set(overrides) - names)
-    if bad:
-        raise ConfigError(f"{method} has no option {bad[0]!r}")
-    return cls(**{k: v for k, v in overrides.items() if v is not None})
+    return types[method]

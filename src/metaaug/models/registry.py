@@ -14,6 +14,7 @@ from torch import nn
 from metaaug.errors import ModelError
 from metaaug.models.mobilenet import mobilenetv2
 from metaaug.models.resnet import resnet20, resnet56
+from metaaug.quant.prepare import check_model_tensors
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 BUNDLED: dict[str, Callable[[], nn.Module]] = {"resnet20": resnet20, "mobilenetv2": mobilenetv2, "resnet56": resnet56}
@@ -63,7 +64,8 @@ def build_model(name: str, weights: str | Path | None = None) -> nn.Module:
 
     `name` is a bundled name (`resnet20`, `mobilenetv2`) or `path/to/file.py:factory`, where `factory()`
     returns an `nn.Module`; `weights` is a safetensors or `torch.save` state dict (loaded with
-    `weights_only=True`). Bundled models default to their shipped checkpoint.
+    `weights_only=True`). Bundled models default to their shipped checkpoint. A model on the meta device is
+    refused; a half- or double-precision one is converted to float32 with a warning.
     """
     if name in BUNDLED:
         model = BUNDLED[name]()
@@ -79,6 +81,7 @@ def build_model(name: str, weights: str | Path | None = None) -> nn.Module:
             raise ModelError(f"a user model needs a weights file (--weights) for {name}")
     else:
         raise ModelError(f"unknown model {name!r}; use one of {sorted(BUNDLED)} or 'path/to/file.py:factory'")
+    check_model_tensors(model)  # before loading: float32 weights are not rounded through a half-precision model first
     load_weights(model, weights)
     return model.eval()
 

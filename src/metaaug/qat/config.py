@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
+from metaaug.config_check import Ranges, check_config
 from metaaug.errors import ConfigError
 from metaaug.qat.switchable import Width
 from metaaug.quant.quantizers import check_bits
@@ -46,8 +48,14 @@ class QATConfig:
     classes: tuple[int, ...] | None = None
     eval_size: int = 2000
     save_every: int = 100
+    RANGES: ClassVar[Ranges] = {
+        "tasks": ">= 1", "distill": ">= 0", "epochs": ">= 1", "steps": ">= 1", "batch": ">= 1", "lr": "> 0", "quant_lr": "> 0",
+        "weight_decay": ">= 0", "grad_clamp": "> 0", "inner_steps": ">= 1", "inner_lr": "> 0", "calib_size": ">= 1",
+        "classes": ">= 0", "eval_size": ">= 1", "save_every": ">= 1",
+    }
 
     def __post_init__(self) -> None:
+        check_config(self)
         if self.method not in QAT_METHODS:
             raise ConfigError(f"unknown QAT method {self.method!r}; choose from {', '.join(QAT_METHODS)}")
         if not self.bits:
@@ -58,13 +66,6 @@ class QATConfig:
             raise ConfigError("the list of candidate activation bit-widths is empty")
         if self.method == "dedicated" and len(self.widths()) != 1:
             raise ConfigError(f"dedicated QAT trains one width; got {len(self.widths())} ({self.bits})")
-        for name in ("tasks", "epochs", "batch", "calib_size", "eval_size", "save_every", "inner_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"steps must be positive, got {self.steps}")
-        if self.lr <= 0 or self.quant_lr <= 0:
-            raise ConfigError(f"learning rates must be positive, got {self.lr} and {self.quant_lr}")
 
     def widths(self) -> list[Width]:
         """Candidate (weight bits, activation bits) pairs, lowest first."""

@@ -12,18 +12,24 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from metaaug.config_check import SEED, Ranges, check_config
 from metaaug.data import load_dataset
 from metaaug.errors import ConfigError
 from metaaug.qat.job import materialize, open_qat_run
 from metaaug.qat.switchable import width_name
 from metaaug.quant.prepare import QuantModel
+from metaaug.quant.quantizers import check_bits
+from metaaug.runs import files
+from metaaug.runs.opened import open_run
+from metaaug.runs.outputs import check_output_file
 
 HEADS = ("proto", "maml")
+FEWSHOT_MARK = "metaaug fewshot"
 
 
 @dataclass(frozen=True)
@@ -38,13 +44,13 @@ class EpisodeConfig:
     inner_lr: float = 0.01
     inner_steps: int = 5
     seed: int = 0
+    RANGES: ClassVar[Ranges] = {"ways": ">= 2", "shots": ">= 1", "queries": ">= 1", "episodes": ">= 1", "heads": HEADS,
+                                "inner_lr": "> 0", "inner_steps": ">= 0", "seed": SEED}
 
     def __post_init__(self) -> None:
-        bad = [h for h in self.heads if h not in HEADS]
-        if bad:
-            raise ConfigError(f"unknown few-shot head {bad[0]!r}; choose from {', '.join(HEADS)}")
-        if self.ways < 2 or self.episodes < 1 or self.queries < 1 or not self.shots or min(self.shots) < 1:
-            raise ConfigError("few-shot episodes need ways >= 2, shots >= 1, queries >= 1 and episodes >= 1")
+        check_config(self)
+        if not self.shots or not self.heads:
+            raise ConfigError(f"few-shot episodes need at least one K (--shots) and one head (--heads), got {self.shots} and {self.heads}")
 
 
 def sample_episode(by_class: dict[int, torch.Tensor], ways: int, shots: int, queries: int,
@@ -104,14 +110,33 @@ def episode_accuracy(feats: torch.Tensor, support: torch.Tensor, query: torch.Te
     return 100.0 * float((logits.argmax(1) == yq).float().mean())
 
 
-def run_fewshot(run_dir: str | Path, widths: list[int | None], cfg: EpisodeConfig, out: str | Path | None = None) -> dict[str, Any]:
-    """Episodes per (width, K, head) on the unseen classes' test images; mean accuracy with a 95% interval."""
+def written_by_fewshot(path: Path) -> bool:
+    """A results file an earlier `metaaug fewshot` wrote (it carries the mark), which a rerun may replace."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("written_by") == FEWSHOT_MARK
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+
+
+def run_fewshot(run_dir: str | Path, widths: list[int | None], cfg: EpisodeConfig, out: str | Path | None = None,
+                force: bool = False) -> dict[str, Any]:
+    """Episodes per (width, K, head) on the unseen classes' test images; mean accuracy with a 95% interval.
+    `out` (default `<run>/fewshot.json`) never replaces a file fewshot did not write, unless `force`."""
+    opened = open_run(run_dir, "fewshot", ("qat",))
+    path = check_output_file(Path(out) if out else opened.folder.file("fewshot.json"), "--out", "metaaug fewshot",
+                             written_by_fewshot, force, own_run=opened.folder)
+    for bits in widths:
+        if bits is not None:
+            check_bits(bits, "--bits width")
     model, job, _, calib, _ = open_qat_run(run_dir, "cpu")
     seen = job.qat.classes
     if seen is None:
         raise ConfigError(f"{run_dir} was trained on every class; meta-train on seen classes first (`metaaug qat --classes 0,1,2,3,4,5`)")
     test = load_dataset(job.data_dir, "test")
-    unseen = sorted(set(range(int(test.labels.max()) + 1)) - set(seen))
+    unseen = sorted(set(range(max(int(test.labels.max()) + 1, len(test.classes)))) - set(seen))
+    if len(unseen) < cfg.ways:
+        raise ConfigError(f"{run_dir} was trained on {len(seen)} classes, leaving {len(unseen)} unseen; {cfg.ways}-way episodes "
+                          f"need {cfg.ways} (train on fewer classes, or lower --ways)")
     keep = torch.nonzero(torch.isin(test.labels, torch.tensor(unseen))).flatten()
     images, labels = test.images[keep], test.labels[keep]
     by_class = {c: torch.nonzero(labels == c).flatten() for c in unseen}
@@ -131,9 +156,9 @@ def run_fewshot(run_dir: str | Path, widths: list[int | None], cfg: EpisodeConfi
                 ci = 1.96 * float(accs.std()) / math.sqrt(len(accs)) if len(accs) > 1 else float("nan")
                 results.append({"width": width_name(width), "head": head, "shots": shots, "mean": round(float(accs.mean()), 2),
                                 "ci95": round(ci, 2), "episodes": len(accs)})
-    path = Path(out) if out else Path(run_dir) / "fewshot.json"
-    report = {"seen_classes": list(seen), "unseen_classes": unseen, "config": asdict(cfg), "results": results, "path": str(path)}
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    report = {"seen_classes": list(seen), "unseen_classes": unseen, "config": asdict(cfg), "results": results, "path": str(path),
+              "written_by": FEWSHOT_MARK}
+    files.write_json(path, report)
     return report
 
 

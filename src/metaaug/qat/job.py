@@ -1,22 +1,21 @@
 """A QAT run folder: train from the FP checkpoint, evaluate every width, and rebuild any width for eval and export.
 
-Files: config.json (refuses another config), qat_progress.pt (resume), qat.safetensors (weights and quantizer
-banks), bn_stats.safetensors (BatchNorm statistics per width), report.json and accuracy.png.
+Files: config.json (refuses another config), the qat_progress checkpoint (resume), qat.safetensors (weights and
+quantizer banks), bn_stats.safetensors (BatchNorm statistics per width), report.json and accuracy.png.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from metaaug.data import check_calibration, load_dataset, only_classes, stratified_indices
+from metaaug.data.checks import check_model_fits_data
 from metaaug.data.datasets import ImageDataset
 from metaaug.environment import resolve_device
 from metaaug.errors import ConfigError
@@ -27,7 +26,11 @@ from metaaug.qat.config import QATConfig
 from metaaug.qat.switchable import QATModel, Width, width_name
 from metaaug.qat.trainer import evaluate_widths, train_qat
 from metaaug.quant.prepare import QuantModel, QuantSpec
-from metaaug.store import REPORT, RunStore, read_json
+from metaaug.quant.quantizers import check_bits
+from metaaug.runs import files
+from metaaug.runs.files import RESTART_HINT, CorruptFileError
+from metaaug.runs.folder import RunFolder
+from metaaug.runs.store import REPORT
 
 QAT_STATE, BN_STATS, PLOT = "qat.safetensors", "bn_stats.safetensors", "accuracy.png"
 UNSEEN = (5, 6)  # W=A widths evaluated after training when no candidate has them (interpolated quantizers)
@@ -48,8 +51,11 @@ class QATJob:
 
     @classmethod
     def from_identity(cls, stored: dict[str, Any]) -> QATJob:
-        qat = {k: tuple(v) if isinstance(v, list) else v for k, v in stored["qat"].items()}
-        return cls(stored["model"], stored["weights"], stored["data_dir"], stored["seed"], QATConfig(**qat))
+        try:
+            qat = {k: tuple(v) if isinstance(v, list) else v for k, v in stored["qat"].items()}
+            return cls(stored["model"], stored["weights"], stored["data_dir"], stored["seed"], QATConfig(**qat))
+        except (KeyError, TypeError, AttributeError) as err:
+            raise CorruptFileError(f"the run's config.json is not a QAT config ({type(err).__name__}: {err}); {RESTART_HINT}") from None
 
 
 def job_data(job: QATJob) -> tuple[ImageDataset, torch.Tensor, ImageDataset]:
@@ -69,19 +75,18 @@ def build_qat_model(job: QATJob, calib: torch.Tensor, device: torch.device) -> Q
 
 
 def _save_bn(model: QATModel, path: Path) -> None:
-    flat = {f"{w}/{k}": v.cpu().contiguous() for w, state in model.bn_stats.items() for k, v in state.items()}
-    save_file(flat, str(path))
+    files.save_tensors(path, {f"{w}/{k}": v for w, state in model.bn_stats.items() for k, v in state.items()})
 
 
 def _load_bn(model: QATModel, path: Path) -> None:
     model.bn_stats = {}
-    for key, v in load_file(str(path)).items():
+    for key, v in files.load_tensors(path, "per-width BatchNorm statistics").items():
         width, _, name = key.partition("/")
         model.bn_stats.setdefault(width, {})[name] = v
 
 
 def _plot(history: list[dict], path: Path, title: str) -> None:
-    from metaaug.viz import plt
+    from metaaug.viz import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in history[0]["top1"]:
@@ -91,18 +96,20 @@ def _plot(history: list[dict], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, 90)
 
 
 def run_qat(job: QATJob, out: str | Path, device: str = "auto", progress: PhaseProgress | None = None,
-            command: str | None = None, on_step=None) -> dict[str, Any]:
-    """Train per `job` into `out` (resuming what is there), evaluate each width on the test split, write the report."""
+            command: str | None = None, on_step=None, restart: bool = False, make_parents: bool = True) -> dict[str, Any]:
+    """Train per `job` into `out` (resuming what is there; `restart` starts over), evaluate each width on the test
+    split, write the report. `make_parents=False`: the parent of `out` must exist (an explicit --out)."""
     out, dev, cfg = Path(out), resolve_device(device), job.qat
+    RunFolder.check(out, "qat", job.identity(), restart=restart, make_parents=make_parents)
     train, calib, test = job_data(job)
-    RunStore(out, job.identity())  # refuses a folder holding another config
-    if (out / REPORT).exists() and (out / QAT_STATE).exists():
-        return read_json(out / REPORT)
+    check_model_fits_data(build_model(job.model, job.weights), job.data_dir, train=train, test=test)  # before the folder is claimed
+    run = RunFolder.claim(out, "qat", job.identity(), restart=restart, make_parents=make_parents)
+    if run.has(REPORT) and run.has(QAT_STATE):
+        return run.read_json(REPORT, "a QAT report")
     torch.manual_seed(job.seed)
     model = build_qat_model(job, calib, dev)
     fp_top1 = round(top1(model.eval(), test, device=dev), 2)
@@ -112,7 +119,7 @@ def run_qat(job: QATJob, out: str | Path, device: str = "auto", progress: PhaseP
     unseen = [(b, b) for b in UNSEEN if cfg.abits is None and b not in cfg.bits and min(cfg.bits) < b < max(cfg.bits)]
     final = evaluate_widths(model, [None, *cfg.widths(), *unseen], calib.to(dev), test, dev)
     model.use_width(None)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / QAT_STATE))
+    files.save_tensors(out / QAT_STATE, model.state_dict())
     _save_bn(model, out / BN_STATS)
     _plot(state.history, out / PLOT, f"{job.model} {cfg.method} ({len(state.history)} epochs)")
     report = {
@@ -123,28 +130,30 @@ def run_qat(job: QATJob, out: str | Path, device: str = "auto", progress: PhaseP
         "steps": state.step, "train_seconds": round(state.seconds, 1), "seconds": round(time.perf_counter() - start, 1),
         "history": state.history, "config": dataclasses.asdict(cfg), "command": command, "plot": PLOT,
     }
-    (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    run.write_json(REPORT, report)
     return report
 
 
 def open_qat_run(run_dir: str | Path, device: str = "auto") -> tuple[QATModel, QATJob, dict[str, Any], torch.Tensor, ImageDataset]:
     """Rebuild a finished QAT run's model (weights, quantizer banks, per-width BatchNorm statistics), with its report,
     calibration images and test split (loaded once for callers that need them)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists():
-        raise ConfigError(f"{run_dir} is not a run folder (config.json missing)")
-    stored = read_json(run_dir / "config.json")
-    if stored.get("kind") != "qat":
-        raise ConfigError(f"{run_dir} is not a QAT run (written by `metaaug quantize`, not `metaaug qat`)")
-    if not (run_dir / QAT_STATE).exists():
-        raise ConfigError(f"{run_dir} holds no finished QAT run ({QAT_STATE} missing); rerun `metaaug qat` to resume it")
-    job = QATJob.from_identity(stored)
+    run = RunFolder.open(run_dir, ("qat",), "this command")
+    state_path = run.require(QAT_STATE, "finished QAT run")
+    report = run.read_json(REPORT, "a QAT report")
+    job = QATJob.from_identity(run.config)
     _, calib, test = job_data(job)
     dev = resolve_device(device)
     model = build_qat_model(job, calib, dev)
-    model.load_state_dict(load_file(str(run_dir / QAT_STATE), device=str(dev)))
-    _load_bn(model, run_dir / BN_STATS)
-    return model.eval(), job, read_json(run_dir / REPORT), calib.to(dev), test
+    state = files.load_tensors(state_path, "QAT weights", str(dev))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError:  # a tensor of another shape: the weights of another run's model or widths
+        missing, unexpected = ["(shapes differ)"], []
+    if missing or unexpected:
+        raise ConfigError(f"{state_path} does not match the run's model and widths ({len(missing)} missing, "
+                          f"{len(unexpected)} unexpected keys): copied from another run?")
+    _load_bn(model, run.require(BN_STATS, "finished QAT run"))
+    return model.eval(), job, report, calib.to(dev), test
 
 
 def load_qat_run(run_dir: str | Path, device: str = "auto") -> tuple[QATModel, QATJob, dict[str, Any]]:
@@ -153,21 +162,16 @@ def load_qat_run(run_dir: str | Path, device: str = "auto") -> tuple[QATModel, Q
     return model, job, report
 
 
-def is_qat_run(run_dir: str | Path) -> bool:
-    path = Path(run_dir) / "config.json"
-    return path.exists() and read_json(path).get("kind") == "qat"
-
-
 def parse_width(bits: str) -> Width:
     """'4' -> (4, 4); '2,4' or 'w2a4' -> (2, 4)."""
     text = bits.lower().replace("w", "").replace("a", ",")
     try:
         parts = [int(p) for p in text.split(",") if p]
     except ValueError:
-        raise ConfigError(f"bit-width {bits!r} is not an integer, 'W,A' or 'wWaA'") from None
+        raise ConfigError(f"--bits {bits!r} is not an integer, 'W,A' or 'wWaA'") from None
     if len(parts) not in (1, 2):
-        raise ConfigError(f"bit-width {bits!r} is not an integer, 'W,A' or 'wWaA'")
-    return (parts[0], parts[-1])
+        raise ConfigError(f"--bits {bits!r} is not an integer, 'W,A' or 'wWaA'")
+    return (check_bits(parts[0], "--bits weight width"), check_bits(parts[-1], "--bits activation width"))
 
 
 def eval_width(run_dir: str | Path, width: Width, device: str = "auto") -> dict[str, Any]:
@@ -189,9 +193,9 @@ def materialize(model: QATModel, width: Width, calib: torch.Tensor) -> QuantMode
     return model.materialize(width)
 
 
-def export_view(run_dir: str | Path, width: Width) -> tuple[QuantModel, dict[str, Any]]:
-    """What the exporters need from a QAT run at one width: the model and the packed file's metadata."""
-    model, job, report, calib, _ = open_qat_run(run_dir, "cpu")
+def export_view(run_dir: str | Path, width: Width, device: str = "cpu") -> tuple[QuantModel, dict[str, Any]]:
+    """A QAT run at one width: the model and what the packed file records of it (eval and the exporters)."""
+    model, job, report, calib, _ = open_qat_run(run_dir, device)
     qmodel = materialize(model, width, calib)
     name = width_name(width)
     spec = QuantSpec(width[0], width[1], model.edge_bits, fold_bn=False)

@@ -21,8 +21,10 @@ from metaaug.evaluate import accuracy, logits_of
 from metaaug.progress import PhaseProgress, QuietPhases
 from metaaug.qat.config import QATConfig
 from metaaug.qat.switchable import QATModel, Width, width_name
+from metaaug.runs.files import RESTART_HINT, CorruptFileError
+from metaaug.runs.folder import Checkpoints
 
-CHECKPOINT = "qat_progress.pt"
+CHECKPOINT = "qat_progress"
 
 
 def sample_tasks(cfg: QATConfig, gen: torch.Generator) -> list[Width]:
@@ -151,7 +153,7 @@ def make_optimizer(model: QATModel, cfg: QATConfig, steps: int):
 def train_qat(model: QATModel, cfg: QATConfig, train: ImageDataset, calib: torch.Tensor, test: ImageDataset,
               out: Path, device: torch.device, progress: PhaseProgress | None = None,
               on_step: Callable[[int], None] | None = None) -> TrainState:
-    """Train `model` per `cfg`; saves to `out/qat_progress.pt` every `save_every` steps and each epoch, and a
+    """Train `model` per `cfg`; saves the `qat_progress` checkpoint in `out` every `save_every` steps and each epoch, and a
     rerun continues from there, ending exactly where an uninterrupted run would. Evaluates every width at
     each epoch's end on `test` (a held slice of the test split) for the curve."""
     progress = progress or QuietPhases()
@@ -160,23 +162,27 @@ def train_qat(model: QATModel, cfg: QATConfig, train: ImageDataset, calib: torch
     state, perm = TrainState(), None
     gen = torch.Generator().manual_seed(0)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / CHECKPOINT
-    if ckpt.exists():
-        saved = torch.load(ckpt, weights_only=True, map_location="cpu")
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        sched.load_state_dict(saved["sched"])
-        torch.set_rng_state(saved["rng"])
-        gen.set_state(saved["gen"])
-        perm = saved["perm"]
-        state = TrainState(saved["step"], saved["seconds"], saved["history"])
+    checkpoints = Checkpoints(out)
+    ckpt = checkpoints.load(CHECKPOINT)
+    if ckpt is not None:
+        saved = ckpt.object("state")
+        try:
+            model.load_state_dict(ckpt.tensors("model", str(device)))
+            opt.load_state_dict(saved["opt"])
+            sched.load_state_dict(saved["sched"])
+            torch.set_rng_state(saved["rng"])
+            gen.set_state(saved["gen"])
+            perm = saved["perm"]
+            state = TrainState(int(ckpt.info["step"]), float(ckpt.info["seconds"]), ckpt.info["history"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CorruptFileError(f"{checkpoints.manifest(CHECKPOINT)} does not fit this QAT run ({type(err).__name__}); "
+                                   f"{RESTART_HINT}") from None
 
     def save() -> None:
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "rng": torch.get_rng_state(), "gen": gen.get_state(), "perm": perm, "step": state.step,
-                    "seconds": state.seconds, "history": state.history}, tmp)
-        tmp.replace(ckpt)
+        checkpoints.save(CHECKPOINT, {"step": state.step, "seconds": state.seconds, "history": state.history},
+                         tensors={"model": model.state_dict()},
+                         objects={"state": {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": torch.get_rng_state(),
+                                            "gen": gen.get_state(), "perm": perm}})
 
     eval_widths: list[Width | None] = [None, *cfg.widths()]
     step_fn = STEPS[cfg.method]

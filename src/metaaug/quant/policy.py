@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from metaaug.config_check import shown
 from metaaug.errors import ConfigError
 from metaaug.quant.quantizers import check_bits
 
@@ -35,11 +36,15 @@ class Policy:
             raise ConfigError("a bit-width policy must list at least one layer")
         fixed = {}
         for name, bits in self.layers.items():
+            if not isinstance(name, str):
+                raise ConfigError(f"policy layer names must be module paths (strings), got {shown(name)}")
             if isinstance(bits, Mapping):
-                unknown = sorted(set(bits) - {"wbits", "abits"})
+                unknown = sorted(set(bits) - {"wbits", "abits"}, key=str)
                 if unknown or not {"wbits", "abits"} <= set(bits):
-                    raise ConfigError(f"policy entry for {name!r} must be {{\"wbits\": b, \"abits\": a}}, got {dict(bits)}")
+                    raise ConfigError(f"policy entry for {name!r} must be {{\"wbits\": b, \"abits\": a}}, got {shown(dict(bits))}")
                 bits = LayerBits(bits["wbits"], bits["abits"])
+            elif not isinstance(bits, LayerBits):
+                raise ConfigError(f"policy entry for {name!r} must be {{\"wbits\": b, \"abits\": a}}, got {shown(bits)}")
             check_bits(bits.wbits, f"policy wbits of layer {name!r}")
             check_bits(bits.abits, f"policy abits of layer {name!r}")
             fixed[name] = bits
@@ -60,22 +65,47 @@ class Policy:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "policy") -> Policy:
+        """A policy from its JSON form: "layers", and optionally "written_by" (the command that wrote the file)."""
         if not isinstance(data, Mapping) or not isinstance(data.get("layers"), Mapping):
             raise ConfigError(f"{source} must be a JSON object {{\"layers\": {{\"<module path>\": {{\"wbits\": b, \"abits\": a}}}}}}")
+        unknown = sorted(set(data) - {"layers", "written_by"}, key=str)
+        if unknown:
+            raise ConfigError(f"{source} has an unknown key {shown(unknown[0])}; a policy holds \"layers\" and optionally \"written_by\"")
+        if not isinstance(data.get("written_by", ""), str):
+            raise ConfigError(f"{source}: \"written_by\" must be a string, got {shown(data['written_by'])}")
         return cls(dict(data["layers"]))
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+    def save(self, path: str | Path, written_by: str | None = None) -> None:
+        """Write policy.json atomically; `written_by` marks the command that wrote it (so it may replace it later)."""
+        from metaaug.runs.files import write_json
+
+        write_json(path, {**self.to_dict(), **({"written_by": written_by} if written_by else {})})
 
     @classmethod
     def load(cls, path: str | Path) -> Policy:
+        """Read policy.json: UTF-8 JSON only, no key repeated (JSON would keep the last one silently)."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"policy file {path} does not exist")
+
+        def no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            seen: dict[str, Any] = {}
+            for key, value in pairs:
+                if key in seen:
+                    raise ConfigError(f"policy file {path} gives the key {shown(key)} twice; give each key once")
+                seen[key] = value
+            return seen
+
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=no_repeats)
+        except OSError as exc:
+            raise ConfigError(f"cannot read policy file {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"policy file {path} is not UTF-8 text (a policy is a UTF-8 JSON file)") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"policy file {path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+        except RecursionError:
+            raise ConfigError(f"policy file {path} is not a policy: its JSON nests too deeply") from None
         return cls.from_dict(data, f"policy file {path}")
 
     def check_layers(self, layer_names: list[str]) -> None:

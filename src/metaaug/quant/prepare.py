@@ -88,8 +88,27 @@ class QuantModel(nn.Module):
             aq.quant_prob = 1.0
 
 
+def check_model_tensors(model: nn.Module) -> None:
+    """A model on the meta device has no values to quantize (refused); float16/bfloat16/float64 weights would meet
+    float32 images and quantizers, so they are converted to float32 in place, with a warning. Non-floating buffers
+    (BatchNorm's num_batches_tracked) stay as they are."""
+    from metaaug.errors import warn
+
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    meta = [name for name, t in tensors if t.is_meta]
+    if meta:
+        raise ModelError(f"model tensor '{meta[0]}' ({len(meta)} of {len(tensors)}) is on the meta device and holds no values; "
+                         "build the model with real tensors (e.g. load_state_dict(..., assign=True) or .to_empty() then load)")
+    odd = sorted({str(t.dtype).removeprefix("torch.") for _, t in tensors if t.is_floating_point() and t.dtype != torch.float32})
+    if odd:
+        model.float()
+        warn(f"the model's weights are {' and '.join(odd)}; converted to float32 (metaaug quantizes float32 models)")
+
+
 def check_finite_weights(model: nn.Module) -> None:
-    """NaN/Inf in a weight would quantize to garbage without an error: name the first such tensor."""
+    """Meta, non-float32 (`check_model_tensors`) and NaN/Inf weights: NaN/Inf would quantize to garbage without an
+    error, so the first such tensor is named."""
+    check_model_tensors(model)
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from metaaug.errors import ConfigError
+from metaaug.config_check import Ranges, check_config
 
 SCHEDULES = ("constant", "cosine")
 
@@ -18,9 +18,15 @@ class ReconConfig:
     as QDrop's and Genie's released code do; the rounding logits keep a constant rate in either case.
     `aug_views` > 0 (not in any of the papers) reconstructs on each calibration image plus that many random
     shift/flip views of it, drawn once per run (seeded): fixed augmentation, the control a learned one must beat.
+    `RANGES` are what each knob can mean: a learned parameter needs a positive rate, `lr_weight_scale` 0 is off.
     """
 
     name: ClassVar[str] = "recon"
+    RANGES: ClassVar[Ranges] = {
+        "iters": ">= 0", "batch_size": ">= 1", "units": ("block", "layer"), "lr_round": "> 0", "lr_act": "> 0",
+        "lr_weight_scale": ">= 0", "scale_schedule": SCHEDULES, "round_weight": ">= 0", "warmup": "[0, 1)",
+        "beta_start": "> 0", "beta_end": "> 0", "quant_prob": "(0, 1]", "cache_device": "device", "aug_views": ">= 0",
+    }
     iters: int = 20000
     batch_size: int = 32
     units: str = "block"
@@ -39,18 +45,7 @@ class ReconConfig:
     aug_views: int = 0
 
     def __post_init__(self) -> None:
-        if self.iters < 0:
-            raise ConfigError(f"iters must be >= 0, got {self.iters}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not 0.0 < self.quant_prob <= 1.0:
-            raise ConfigError(f"quant_prob must be in (0, 1], got {self.quant_prob}")
-        if self.scale_schedule not in SCHEDULES:
-            raise ConfigError(f"scale_schedule must be one of {', '.join(SCHEDULES)}, got {self.scale_schedule!r}")
-        if self.aug_views < 0:
-            raise ConfigError(f"aug_views must be >= 0, got {self.aug_views}")
-        if not 0.0 <= self.warmup < 1.0:
-            raise ConfigError(f"warmup must be in [0, 1), got {self.warmup}")
+        check_config(self)
 
     def resolved_round_weight(self, depthwise: bool) -> float:
         """QDrop uses 0.01, and 0.1 for MobileNetV2 (models with depthwise convs)."""

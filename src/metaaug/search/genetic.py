@@ -11,8 +11,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from metaaug.errors import ConfigError
+from metaaug.config_check import Ranges, check_config
 from metaaug.search.space import Budget, Genome, SearchSpace
 
 
@@ -20,15 +21,15 @@ from metaaug.search.space import Budget, Genome, SearchSpace
 class GAConfig:
     """MetaPruning's settings (population 50, top 10 parents, 25 mutants with p = 0.1, 25 crossovers, 20 generations)."""
 
+    RANGES: ClassVar[Ranges] = {"population": ">= 2", "generations": ">= 1", "parents": ">= 1", "mutate_prob": "[0, 1]"}
     population: int = 50
     generations: int = 20
     parents: int = 10
     mutate_prob: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.population < 2 or self.generations < 1:
-            raise ConfigError(f"population must be >= 2 and generations >= 1, got {self.population} and {self.generations}")
-        self.parents = max(1, min(self.parents, self.population // 2))
+        check_config(self)
+        self.parents = min(self.parents, self.population // 2)  # the default 10 is more than a small population has
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -18,21 +19,24 @@ from typing import Any
 import torch
 
 from metaaug.data import calibration_split, load_dataset, stratified_indices
+from metaaug.data.checks import check_model_fits_data
 from metaaug.environment import environment, resolve_device, threads
 from metaaug.errors import ConfigError
 from metaaug.evaluate import accuracy, logits_of
 from metaaug.models.registry import build_model
 from metaaug.progress import PhaseProgress, QuietPhases
 from metaaug.quant.prepare import QuantSpec, prepare
+from metaaug.runs import files
+from metaaug.runs.files import RESTART_HINT, CorruptFileError
+from metaaug.runs.folder import Checkpoints, RunFolder
 from metaaug.search.genetic import GAConfig, GAState, best_genome, genetic_search, random_search
 from metaaug.search.metaquant import MetaQuantConfig, MetaQuantNet, train_step
 from metaaug.search.space import Budget, Genome, SearchSpace, budget_number
-from metaaug.store import RunStore
 
 PROXIES = ("metaquant", "rtn")
 FITNESS = ("kl", "top1")
 STRATEGIES = ("ga", "random", "sensitivity")
-NET_FILE, NET_PROGRESS, STATE_FILE = "metaquant.pt", "metaquant_progress.pt", "search_state.json"
+NET_FILE, NET_PROGRESS, STATE_FILE = "metaquant.pt", "metaquant_progress", "search_state.json"
 SAVE_EVERY = 100
 
 
@@ -60,23 +64,28 @@ class SearchConfig:
     ga: GAConfig = field(default_factory=GAConfig)
 
     def __post_init__(self) -> None:
+        from metaaug.config_check import SEED, check_config
+        from metaaug.search.space import _choices
+
         if isinstance(self.meta, dict):
             self.meta = MetaQuantConfig(**self.meta)
         if isinstance(self.ga, dict):
             self.ga = GAConfig(**self.ga)
-        self.wbits_choices = tuple(self.wbits_choices)
-        self.abits_choices = tuple(self.abits_choices) if self.abits_choices else None
+        check_config(self, {"abits": "bits", "calib_size": ">= 1", "meta_images": ">= 0", "seed": SEED, "evaluations": ">= 1"})
+        _choices(self.wbits_choices, "--wbits-choices")  # an empty list of activation choices is not "weights only"
+        if self.abits_choices is not None:
+            _choices(self.abits_choices, "--abits-choices")
         if self.proxy not in PROXIES:
             raise ConfigError(f"unknown proxy {self.proxy!r}; use one of {', '.join(PROXIES)}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}")
-        if self.meta_images < 0:
-            raise ConfigError(f"--meta-images must be >= 0, got {self.meta_images}")
         if self.fitness not in FITNESS:
             raise ConfigError(f"unknown fitness {self.fitness!r}; use one of {', '.join(FITNESS)}")
         if not 0 < self.holdout < 1:
             raise ConfigError(f"the search scores candidates on a held-out split: --holdout must be in (0, 1), got {self.holdout}")
         number = budget_number(self.budget)
+        if number is not None and not math.isfinite(number):
+            raise ConfigError(f"budget {self.budget_kind} must be a finite number, got {self.budget!r}")
         self.budget = self.budget if number is None else number
         Budget(self.budget_kind, 1.0 if number is None else number)
 
@@ -91,20 +100,21 @@ def _save_state(path: Path, state: GAState, seconds: float) -> None:
     data = {"generation": state.generation, "population": [list(g) for g in state.population],
             "scores": {_genome_key(g): r for g, r in state.scores.items()}, "history": state.history,
             "rng_state": [rng[0], list(rng[1]), rng[2]] if rng else None, "seconds": round(seconds, 3)}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+    files.write_json(path, data, indent=None)
 
 
 def _load_state(path: Path) -> tuple[GAState | None, float]:
     """The saved search state and the seconds spent reaching it (none and 0 for a fresh search)."""
     if not path.exists():
         return None, 0.0
-    d = json.loads(path.read_text())
-    rng = d["rng_state"]
-    return GAState(d["generation"], [tuple(g) for g in d["population"]],
-                   {tuple(int(v) for v in k.split(",")): r for k, r in d["scores"].items()}, d["history"],
-                   (rng[0], tuple(rng[1]), rng[2]) if rng else None), float(d.get("seconds", 0.0))
+    d = files.read_json(path, "a search state")
+    try:
+        rng = d["rng_state"]
+        return GAState(d["generation"], [tuple(g) for g in d["population"]],
+                       {tuple(int(v) for v in k.split(",")): r for k, r in d["scores"].items()}, d["history"],
+                       (rng[0], tuple(rng[1]), rng[2]) if rng else None), float(d.get("seconds", 0.0))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise CorruptFileError(f"{path} is not a search state; {RESTART_HINT}") from None
 
 
 def train_metaquant(net: MetaQuantNet, space: SearchSpace, images: torch.Tensor, cfg: SearchConfig, out: Path,
@@ -116,13 +126,19 @@ def train_metaquant(net: MetaQuantNet, space: SearchSpace, images: torch.Tensor,
     opt = torch.optim.Adam(net.parameters(), lr=mcfg.lr)
     rng, gen = random.Random(cfg.seed + 17), torch.Generator().manual_seed(cfg.seed + 19)
     start, curve, prior, t0 = 0, [], 0.0, time.perf_counter()
-    if (out / NET_PROGRESS).exists():
-        saved = torch.load(out / NET_PROGRESS, map_location=dev, weights_only=True)
-        net.load_state_dict(saved["net"])
-        opt.load_state_dict(saved["opt"])
-        gen.set_state(saved["gen"])
-        rng.setstate((saved["rng"][0], tuple(saved["rng"][1]), saved["rng"][2]))
-        start, curve, prior = saved["step"], json.loads(saved["curve"]), float(saved.get("seconds", 0.0))
+    checkpoints = Checkpoints(out)
+    ckpt = checkpoints.load(NET_PROGRESS)
+    if ckpt is not None:
+        saved = ckpt.object("state")
+        try:
+            net.load_state_dict(ckpt.tensors("net", str(dev)))
+            opt.load_state_dict(saved["opt"])
+            gen.set_state(saved["gen"])
+            rng.setstate((saved["rng"][0], tuple(saved["rng"][1]), saved["rng"][2]))
+            start, curve, prior = int(ckpt.info["step"]), ckpt.info["curve"], float(ckpt.info["seconds"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CorruptFileError(f"{checkpoints.manifest(NET_PROGRESS)} does not fit this search ({type(err).__name__}); "
+                                   f"{RESTART_HINT}") from None
     with torch.no_grad():
         targets = logits_of(net.fp_logits, images, 256, dev).to(dev)
     progress.phase("MetaQuantNet", mcfg.steps)
@@ -136,9 +152,10 @@ def train_metaquant(net: MetaQuantNet, space: SearchSpace, images: torch.Tensor,
             curve.append({"step": step, "loss": round(loss, 6)})
         progress.advance(1, f"KL {loss:.4f}")
         if (step + 1) % SAVE_EVERY == 0 and step + 1 < mcfg.steps:
-            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "step": step + 1,
-                        "rng": [rng.getstate()[0], list(rng.getstate()[1]), rng.getstate()[2]], "curve": json.dumps(curve),
-                        "seconds": prior + time.perf_counter() - t0}, out / NET_PROGRESS)
+            checkpoints.save(NET_PROGRESS, {"step": step + 1, "curve": curve, "seconds": prior + time.perf_counter() - t0},
+                             tensors={"net": net.state_dict()},
+                             objects={"state": {"opt": opt.state_dict(), "gen": gen.get_state(),
+                                                "rng": [rng.getstate()[0], list(rng.getstate()[1]), rng.getstate()[2]]}})
     return curve, prior + time.perf_counter() - t0
 
 
@@ -170,13 +187,41 @@ def _rebuild_and_score(recipe: tuple, genomes: list[Genome]) -> list[dict]:
     return score(net.eval(), space, images, labels, fp, genomes, fitness)
 
 
+def check_ray_address(address: str | None, timeout: float = 3.0) -> None:
+    """That `--ray` can run, checked before any work: ray is installed and something answers at `address` (a TCP
+    connect of at most `timeout` s), since `ray.init` on an address nobody listens at retries for many minutes.
+    None, "auto" and "local" name no address to try."""
+    import importlib.util
+    import socket
+
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError("--ray needs ray: pip install 'metaaug[ray]'")
+    if address is None or address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--ray-address must be host:port, ray://host:port, auto or local, got {address!r}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        raise ConfigError(f"--ray-address {address}: nothing answers at {host}:{port} ({reason})") from None
+
+
 def _ray_scorer(model, net: MetaQuantNet, space: SearchSpace, hold, fp: torch.Tensor, fitness: str, address: str | None):
     """Score genomes as Ray tasks (a local Ray started here, or the cluster at `address`), in one chunk per CPU."""
+    check_ray_address(address)
     try:
         import ray
     except ImportError:
         raise ConfigError("--ray needs ray: pip install 'metaaug[ray]'") from None
-    ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    try:
+        ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    except Exception as err:  # ray raises ConnectionError, RuntimeError, ValueError, ... for an unusable cluster
+        where = f"--ray-address {address}" if address else "--ray (starting a local Ray)"
+        detail = (str(err).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{where}: ray.init failed: {type(err).__name__}: {detail}") from None
     state = {k: v.cpu() for k, v in net.state_dict().items()}
     recipe = ray.put((model.cpu(), net.wchoices, net.achoices, net.searchable, net.cfg, state, space, hold.images,
                       hold.labels, fp.cpu(), fitness))
@@ -192,14 +237,19 @@ def _ray_scorer(model, net: MetaQuantNet, space: SearchSpace, hold, fp: torch.Te
 
 
 def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progress: PhaseProgress | None = None,
-               ray: bool = False, ray_address: str | None = None) -> dict[str, Any]:
-    """Search per `cfg`; writes policy.json, search.json and PNGs into `out` and returns the summary.
-    `ray` scores the candidates as Ray tasks; the result is the same as the serial run's."""
+               ray: bool = False, ray_address: str | None = None, restart: bool = False,
+               make_parents: bool = True) -> dict[str, Any]:
+    """Search per `cfg`; writes policy.json, search.json and PNGs into `out` and returns the summary (resuming what
+    is there; `restart` starts over). `ray` scores the candidates as Ray tasks; the result is the same as the
+    serial run's. `make_parents=False`: the parent of `out` must exist (an explicit --out)."""
     t0 = time.perf_counter()
     progress = progress or QuietPhases()
     out, dev = Path(out), resolve_device(device)
+    identity = {"kind": "search", **dataclasses.asdict(cfg)}
+    RunFolder.check(out, "search", identity, restart=restart, make_parents=make_parents)
     model = build_model(cfg.model, cfg.weights)
     train = load_dataset(cfg.data_dir, "train")
+    check_model_fits_data(model, cfg.data_dir, train=train)
     calib, hold = calibration_split(train, cfg.calib_size, cfg.seed, cfg.holdout)
     meta_images = calib.images
     if cfg.meta_images:  # more unlabeled images for MetaQuantNet only, drawn outside the calibration pool
@@ -214,25 +264,29 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
     space = SearchSpace(qmodel, calib.images, cfg.wbits_choices, cfg.abits_choices, cfg.abits)
     budget = space.budget(cfg.budget_kind, cfg.budget)
     space.check_budget(budget)
-    RunStore(out, {"kind": "search", **dataclasses.asdict(cfg)})  # claims the folder; refuses another config
+    run = RunFolder.claim(out, "search", identity, restart=restart, make_parents=make_parents)
     torch.manual_seed(cfg.seed)
     net = MetaQuantNet(qmodel, calib.images, space.wchoices, space.achoices or (cfg.abits,), space.wgenes, cfg.meta).to(dev)
     curve: list[dict] = []
     meta_seconds, earlier, reused = 0.0, 0.0, False  # training time; of it, earlier attempts'; net trained elsewhere
     if cfg.proxy == "metaquant":
         if (out / NET_FILE).exists():
-            saved = torch.load(out / NET_FILE, map_location=dev, weights_only=True)
-            net.load_state_dict(saved["net"])
-            curve, meta_seconds = json.loads(saved["curve"]), float(saved.get("seconds", 0.0))
+            saved = files.load_object(out / NET_FILE, "a trained MetaQuantNet")
+            try:
+                net.load_state_dict(saved["net"])
+                curve, meta_seconds = json.loads(saved["curve"]), float(saved.get("seconds", 0.0))
+            except (KeyError, TypeError, ValueError, RuntimeError) as err:
+                raise CorruptFileError(f"{out / NET_FILE} is not this search's MetaQuantNet ({type(err).__name__}); "
+                                       f"{RESTART_HINT}") from None
             reused = saved.get("trained_in", out.name) != out.name  # a copy: its training is another folder's time
             earlier = 0.0 if reused else meta_seconds
         else:
             t_meta = time.perf_counter()
             curve, meta_seconds = train_metaquant(net, space, meta_images, cfg, out, progress)
             earlier = max(0.0, meta_seconds - (time.perf_counter() - t_meta))
-            torch.save({"net": net.state_dict(), "curve": json.dumps(curve), "seconds": meta_seconds,
-                        "trained_in": out.name}, out / NET_FILE)
-            (out / NET_PROGRESS).unlink(missing_ok=True)
+            files.save_object(out / NET_FILE, {"net": net.state_dict(), "curve": json.dumps(curve), "seconds": meta_seconds,
+                                               "trained_in": out.name})
+            Checkpoints(out).clear(NET_PROGRESS)
     net.eval()
     fp = logits_of(net.fp_logits, hold.images, 512, dev)
 
@@ -271,7 +325,7 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
     _save_state(out / STATE_FILE, state, ga_seconds)
     best = best_genome(state, budget)
     policy = space.policy(best)
-    policy.save(out / "policy.json")
+    files.write_json(out / "policy.json", policy.to_dict())
     cost = space.cost(best)
     summary = {
         "best": {"genome": list(best), **state.scores[best], "cost": cost},
@@ -288,5 +342,5 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
     from metaaug.viz import save_search_plots
 
     summary["plots"] = save_search_plots(out, summary, cfg.budget_kind)
-    (out / "search.json").write_text(json.dumps(summary, indent=1) + "\n")
+    run.write_json("search.json", summary, indent=1)
     return summary

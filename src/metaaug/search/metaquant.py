@@ -16,12 +16,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from metaaug.config_check import Ranges, check_config
 from metaaug.quant.policy import Policy
 from metaaug.quant.prepare import QuantModel
 from metaaug.quant.quantizers import MAX_BITS, MIN_BITS, ActQuantizer, lp_search_channel, lp_search_tensor, round_ste
@@ -39,6 +41,11 @@ class MetaQuantConfig:
     embed: int = 8
     temperature: float = 1.0
     sandwich: bool = True  # each step also trains the all-lowest and all-highest policies
+    RANGES: ClassVar[Ranges] = {"steps": ">= 0", "batch_size": ">= 1", "lr": "> 0", "hidden": ">= 1", "embed": ">= 1",
+                                "temperature": "> 0"}
+
+    def __post_init__(self) -> None:
+        check_config(self)
 
 
 class LayerGenerator(nn.Module):

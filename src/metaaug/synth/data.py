@@ -42,6 +42,9 @@ def check_synth_folder(synth: str | Path) -> None:
     if not folder.is_dir():
         raise ConfigError(f"synth folder {folder} does not exist (write one with `metaaug synth --out {folder}`)")
     if not (folder / IMAGES_FILE).is_file():
+        if (folder / "config.json").is_file():
+            raise ConfigError(f"{folder} is a run folder of another job, not a synth folder (no {IMAGES_FILE}); "
+                              "give the folder `metaaug synth --out` wrote")
         raise ConfigError(f"synth folder {folder} holds no {IMAGES_FILE} (write one with `metaaug synth --out {folder}`)")
 
 

@@ -11,19 +11,20 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from safetensors.torch import save_file
 from torch import nn
 
+from metaaug.config_check import SEED, Ranges, check_config, coerce_options
 from metaaug.data.calib import stratified_indices
 from metaaug.data.datasets import FASHION_MNIST_INFO, DataInfo, ImageDataset
 from metaaug.environment import environment
 from metaaug.errors import ConfigError, DataError
 from metaaug.evaluate import logits_of
+from metaaug.runs import files
 from metaaug.synth.bns import BNStats, ClassCentres, bn_layers, class_bns_loss, class_centres, deep_half, global_bns_loss
 from metaaug.synth.data import IMAGES_FILE
 from metaaug.synth.generator import Generator
@@ -39,6 +40,13 @@ class FDDAConfig:
     the two class losses use the deepest `class_layer_fraction` of the BN layers and are off when `real_per_class`
     is 0 (pure BNS inversion, data-free). Defaults follow the paper (centralised weight: paper range 0.01-0.05).
     """
+
+    RANGES: ClassVar[Ranges] = {
+        "per_class": ">= 1", "steps": ">= 1", "real_per_class": ">= 0", "batch_size": ">= 1", "latent_dim": ">= 1",
+        "channels": ">= 1", "lr": "> 0", "w_ce": ">= 0", "w_global": ">= 0", "w_distorted": ">= 0", "w_centralised": ">= 0",
+        "noise_std_mean": ">= 0", "noise_std_var": ">= 0", "class_layer_fraction": "(0, 1]", "image_shape": ">= 1",
+        "seed": SEED,
+    }
 
     per_class: int = 100
     steps: int = 1000
@@ -58,29 +66,21 @@ class FDDAConfig:
     value_range: tuple[float, float] | None = None  # None: the range the data's normalisation maps [0, 1] pixels to
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.check()
+
     def check(self) -> FDDAConfig:
-        for name in ("per_class", "steps", "batch_size", "latent_dim", "channels"):
-            if getattr(self, name) < (0 if name == "steps" else 1):
-                raise ConfigError(f"FDDA {name} must be positive, got {getattr(self, name)}")
-        if self.real_per_class < 0:
-            raise ConfigError(f"real images per class must be >= 0, got {self.real_per_class}")
-        if self.lr <= 0 or min(self.w_ce, self.w_global, self.w_distorted, self.w_centralised) < 0:
-            raise ConfigError("FDDA learning rate must be positive and the loss weights non-negative")
-        if min(self.noise_std_mean, self.noise_std_var) < 0 or not 0 < self.class_layer_fraction <= 1:
-            raise ConfigError("FDDA noise stds must be >= 0 and class_layer_fraction in (0, 1]")
+        """Every field against its type and range (again at synthesis: a config can be changed after it is made)."""
+        check_config(self)
+        if self.value_range is not None and not self.value_range[0] < self.value_range[1]:
+            raise ConfigError(f"value_range must be [low, high] with low < high, got {list(self.value_range)}")
         return self
 
     @classmethod
     def from_options(cls, **options: Any) -> FDDAConfig:
-        """Build from keyword overrides (e.g. the CLI's `--set key=value`), naming any unknown key."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(f"unknown FDDA option {unknown[0]!r}; known: {', '.join(sorted(known))}")
-        for key in ("image_shape", "value_range"):
-            if options.get(key) is not None:
-                options[key] = tuple(options[key])
-        return cls(**options).check()
+        """Build from keyword overrides (e.g. the CLI's `--set key=value` strings, coerced by field type), naming
+        any unknown key."""
+        return cls(**coerce_options(cls, options, "FDDA"))
 
     def geometry(self, info: DataInfo | None) -> tuple[tuple[int, int, int], tuple[float, float]]:
         """Image shape and value range: set explicitly, else from the data's descriptor, else Fashion-MNIST's."""
@@ -241,8 +241,8 @@ def save_synth(result: SynthResult, out: str | Path, title: str = "FDDA syntheti
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({"images": result.images.float().contiguous(), "labels": result.labels.long().contiguous()},
-              str(out / IMAGES_FILE), metadata={"classes": json.dumps(result.classes), "format": "metaaug-synth-1"})
+    files.save_tensors(out / IMAGES_FILE, {"images": result.images.float(), "labels": result.labels.long()},
+                       metadata={"classes": json.dumps(result.classes), "format": "metaaug-synth-1"})
     pngs = []
     for k, name in enumerate(result.classes):
         imgs = result.images[result.labels == k][:30]
@@ -250,5 +250,5 @@ def save_synth(result: SynthResult, out: str | Path, title: str = "FDDA syntheti
         if rows:
             pngs.append(image_grid(rows, out / f"class_{k}.png", f"{title}: class {name}").name)
     report = {**result.report, "files": [IMAGES_FILE, *pngs, "report.json"]}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    files.write_json(out / "report.json", report)
     return out
