@@ -103,5 +103,18 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 600 train and 200 test images of Fashion-MNIST as IDX files: jobs run in subprocesses load it fast."""
+    from metaaug.data.datasets import FASHION_MNIST_DIR
+    from metaaug.data.idx import find_idx, read_idx
+
+    folder = tmp_path_factory.mktemp("fmnist_tiny")
+    for prefix, n in (("train", 600), ("t10k", 200)):
+        for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+            _write_idx(folder / f"{prefix}-{kind}", read_idx(find_idx(FASHION_MNIST_DIR, f"{prefix}-{kind}"))[:n])
+    return folder
+
+
+@pytest.fixture(scope="session")
 def resnet20() -> nn.Module:
     return build_model("resnet20")

@@ -29,9 +29,9 @@ def one_line_error(res, message: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def finished_run(small_data, tmp_path_factory):
+def finished_run(tiny_data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("hostile") / "rtn"
-    res = runner.invoke(app, ["quantize", "--method", "rtn", "--calib-size", "16", "--iters", "0", "--data-dir", str(small_data),
+    res = runner.invoke(app, ["quantize", "--method", "rtn", "--calib-size", "16", "--iters", "0", "--data-dir", str(tiny_data_dir),
                               "--out", str(out)])
     assert res.exit_code == 0, res.output
     return out
@@ -123,9 +123,9 @@ def test_a_truncated_or_foreign_file_in_a_run_folder_is_named(run, name, content
     assert snapshot(run) == before
 
 
-def test_a_truncated_checkpoint_is_named_and_restart_starts_over(small_data, tmp_path):
+def test_a_truncated_checkpoint_is_named_and_restart_starts_over(tiny_data_dir, tmp_path):
     out = tmp_path / "r"
-    args = ["quantize", "--method", "qdrop", "--calib-size", "16", "--iters", "1", "--data-dir", str(small_data), "--out", str(out)]
+    args = ["quantize", "--method", "qdrop", "--calib-size", "16", "--iters", "1", "--data-dir", str(tiny_data_dir), "--out", str(out)]
     RunFolder.claim(out, "quantize", {"placeholder": 1})  # a folder with a quantize config of its own ...
     res = runner.invoke(app, args)
     one_line_error(res, "holds a run with a different config")
@@ -139,9 +139,9 @@ def test_a_truncated_checkpoint_is_named_and_restart_starts_over(small_data, tmp
 
 
 @pytest.fixture
-def qat_run(small_data, tmp_path):
+def qat_run(tiny_data_dir, tmp_path):
     """A QAT run folder whose weights are corrupt: enough to reach the loading of its files."""
-    job = QATJob(data_dir=str(small_data), qat=QATConfig(bits=(2, 4), steps=1))
+    job = QATJob(data_dir=str(tiny_data_dir), qat=QATConfig(bits=(2, 4), steps=1))
     run = RunFolder.claim(tmp_path / "qat", "qat", job.identity())
     run.write_json("report.json", {"kind": "qat", "top1": {"w4a4": 10.0}})
     run.file("qat.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")

@@ -116,12 +116,12 @@ POINTS = [
 
 
 @pytest.mark.parametrize(("kind", "point"), POINTS)
-def test_a_job_killed_at_a_write_resumes_to_the_uninterrupted_result(kind, point, user_model, small_data, tmp_path,
+def test_a_job_killed_at_a_write_resumes_to_the_uninterrupted_result(kind, point, user_model, tiny_data_dir, tmp_path,
                                                                        tmp_path_factory):
-    expected, writes = reference(kind, user_model, small_data, tmp_path_factory)
+    expected, writes = reference(kind, user_model, tiny_data_dir, tmp_path_factory)
     at = str(writes + int(point)) if point.startswith("-") else point
     out = tmp_path / "run"
-    args = job_args(kind, user_model, small_data, out)
+    args = job_args(kind, user_model, tiny_data_dir, out)
     killed_at(at, args)
     assert not list(out.glob(".*.tmp-*")) or at.endswith(".tmp")  # only a kill mid-write leaves a temp file
     res = runner.invoke(app, args)

@@ -158,6 +158,28 @@ def test_unfinished_run_is_in_progress(runs_dir: Path) -> None:
     assert row[9] == "in progress: 3 units done"
 
 
+def test_unfinished_qat_and_search_say_how_far(runs_dir: Path) -> None:
+    qat, search = runs_dir / "qat", runs_dir / "search"
+    (qat / "report.json").unlink()
+    _write(qat, "qat_progress.json", {"step": 300, "seconds": 250.0, "history": [{"epoch": 1, "step": 469, "seconds": 200.0, "top1": {}}],
+                                      "checkpoint": {"generation": 3, "parts": {}, "sha256": {}}})
+    (search / "search.json").unlink()
+    _write(search, "search_state.json", {"generation": 5, "population": [], "scores": {}, "history": [], "rng_state": None, "seconds": 80.0})
+    rows = table(run_cmd([str(runs_dir)]).stdout)
+    assert [r[3] for r in rows["runs/qat"]] == ["mebqat bits 2,4,8"]
+    assert rows["runs/qat"][0][9] == "in progress: step 300, 1/2 epochs done"
+    assert rows["runs/search"][0][9] == "in progress: generation 5/20"
+
+
+def test_qat_cost_unknown_when_its_model_cannot_be_built(runs_dir: Path) -> None:
+    config = json.loads((runs_dir / "qat" / "config.json").read_text())
+    _write(runs_dir / "qat", "config.json", {**config, "model": "gone/net.py:make", "weights": "gone/net.safetensors"})
+    res = run_cmd([str(runs_dir), "--plot", "front.png"])
+    rows = table(res.stdout)["runs/qat"]
+    assert [r[4:7] for r in rows[:1]] == [["80.50", "-", "-"]]
+    assert "plot: front.png (4 points)" in res.stdout  # the QAT widths stay out of the plot
+
+
 def test_corrupt_report_is_one_row(runs_dir: Path) -> None:
     report = runs_dir / "q-qdrop-w2a4" / "report.json"
     report.write_text(report.read_text()[:80], encoding="utf-8")  # a kill mid-write from an older version

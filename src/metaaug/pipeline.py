@@ -18,7 +18,7 @@ from metaaug.models.registry import build_model
 from metaaug.progress import NullProgress, Progress
 from metaaug.quant.cost import model_cost
 from metaaug.quant.policy import Policy
-from metaaug.quant.prepare import QuantModel, QuantSpec
+from metaaug.quant.prepare import DEFAULT_ABITS, DEFAULT_WBITS, QuantModel, QuantSpec
 from metaaug.runs.files import RESTART_HINT, CorruptFileError
 from metaaug.runs.folder import CONFIG, RunFolder
 from metaaug.runs.store import QUANTIZED, REPORT, RunStore, load_state
@@ -34,8 +34,8 @@ class RunConfig:
     model: str = "resnet20"
     weights: str | None = None
     method: str = "qdrop"
-    wbits: int = 2
-    abits: int = 4
+    wbits: int = DEFAULT_WBITS
+    abits: int = DEFAULT_ABITS
     calib_size: int | None = DEFAULT_CALIB_SIZE
     iters: int | None = 2000
     seed: int = 0

@@ -122,9 +122,14 @@ def save_search_plots(out: Path, summary: dict, budget_kind: str) -> list[str]:
     return ["pareto.png", "generations.png"]
 
 
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
 def _place_labels(fig, ax, items: list[tuple[float, float, str, object, float]], fontsize: float) -> None:
-    """Annotate each point beside it, on the first side where the label's estimated box stays inside the axes and
-    covers no other label or point: runs at the same memory (one width by several methods) otherwise overwrite."""
+    """Annotate each point beside it, on the side (of a few) where the label's estimated box stays inside the axes and
+    covers the least of the other labels and points: runs at the same memory (one width by several methods) would
+    otherwise write over each other. `items`: (x, y, text, colour, marker radius in points)."""
     fig.canvas.draw()  # the final layout, so that data coordinates map to the pixels the labels will take
     px = fig.dpi / 72
     char_w, line_h = 0.6 * fontsize * px, 1.25 * fontsize * px
@@ -134,20 +139,20 @@ def _place_labels(fig, ax, items: list[tuple[float, float, str, object, float]],
     labels: list[tuple[float, float, float, float]] = []
     for i, ((x, y, text, colour, r), (sx, sy)) in enumerate(zip(items, points, strict=True)):
         g = r + 1  # the gap between the point's centre and its label, in points
-        sides = [(g, 2, "left"), (g, -10, "left"), (-g, 2, "right"), (-g, -10, "right"), (g, g + 5, "left"), (g, -g - 13, "left")]
+        sides = [(g, 2), (g, -10), (-g, 2), (-g, -10), (g, g + 5), (g, -g - 13), (-g, g + 5), (-g, -g - 13)]
         w = len(text) * char_w
-        chosen = sides[0]
         others = labels + marks[:i] + marks[i + 1:]  # its own point is beside the label, never under it
-        for side in sides:
-            dx, dy = side[0] * px, side[1] * px
-            box = (sx + dx if dx > 0 else sx + dx - w, sy + dy, (sx + dx + w) if dx > 0 else sx + dx, sy + dy + line_h)
-            inside = frame.x0 <= box[0] and box[2] <= frame.x1 and frame.y0 <= box[1] and box[3] <= frame.y1
-            if inside and not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in others):
-                chosen = side
-                break
-        dx, dy, ha = chosen[0] * px, chosen[1] * px, chosen[2]
-        labels.append((sx + dx if dx > 0 else sx + dx - w, sy + dy, (sx + dx + w) if dx > 0 else sx + dx, sy + dy + line_h))
-        ax.annotate(text, (x, y), xytext=chosen[:2], textcoords="offset points", ha=ha, va="bottom", fontsize=fontsize, color=colour)
+        boxes = []
+        for dx, dy in sides:
+            left = sx + dx * px if dx > 0 else sx + dx * px - w
+            boxes.append((left, sy + dy * px, left + w, sy + dy * px + line_h))
+        costs = [1e12 * (not (frame.x0 <= b[0] and b[2] <= frame.x1 and frame.y0 <= b[1] and b[3] <= frame.y1))
+                 + sum(_overlap(b, o) for o in others) for b in boxes]
+        best = costs.index(min(costs))  # the first of equally good sides: right of the point, then below, left...
+        chosen = sides[best]
+        labels.append(boxes[best])
+        ax.annotate(text, (x, y), xytext=chosen, textcoords="offset points", ha="left" if chosen[0] > 0 else "right", va="bottom",
+                    fontsize=fontsize, color=colour)
 
 
 def save_runs_plot(rows: Sequence[RunRow], path: Path, axis: str = "memory", metadata: dict[str, str] | None = None) -> Path:
@@ -170,7 +175,7 @@ def save_runs_plot(rows: Sequence[RunRow], path: Path, axis: str = "memory", met
         for r, x in zip(mine, xs, strict=True):
             c = colour[r.method or "?"]
             if r.mixed:
-                ax.scatter([x], [r.top1], marker="*", s=200, facecolors="white" if r.heldout else [c], edgecolors=[c],
+                ax.scatter([x], [r.top1], marker="*", s=200, facecolors="none" if r.heldout else [c], edgecolors=[c],
                            linewidths=1.3, zorder=3)
             else:
                 ax.scatter([x], [r.top1], marker="o", s=46, color=c, edgecolors="white", linewidths=0.6, zorder=3)
@@ -203,7 +208,7 @@ def save_runs_plot(rows: Sequence[RunRow], path: Path, axis: str = "memory", met
     handles = [Line2D([], [], marker="s", linestyle="none", color=colour[m], markersize=8, label=m) for m in methods]
     kinds = [("uniform width", {"marker": "o", "markerfacecolor": "0.4"}, any(not r.mixed for r in rows)),
              ("mixed precision (policy)", {"marker": "*", "markerfacecolor": "0.4"}, any(r.mixed and not r.heldout for r in rows)),
-             ("search result (held-out top-1)", {"marker": "*", "markerfacecolor": "white"}, any(r.heldout for r in rows)),
+             ("search result (held-out top-1)", {"marker": "*", "markerfacecolor": "none"}, any(r.heldout for r in rows)),
              ("FP model (test top-1)", {"marker": None, "linestyle": "--"}, any(r.fp_top1 is not None for r in rows))]
     handles += [Line2D([], [], color="0.4", markersize=12 if style.get("marker") == "*" else 7, linestyle=style.pop("linestyle", "none"),
                        label=name, **style) for name, style, present in kinds if present]

@@ -14,6 +14,7 @@ from metaaug.config_check import SEED, check_value
 from metaaug.errors import MetaAugError
 from metaaug.methods.registry import method_names
 from metaaug.quant.policy import Policy
+from metaaug.quant.prepare import DEFAULT_ABITS, DEFAULT_WBITS
 from metaaug.runs.outputs import check_output_file
 
 
@@ -23,8 +24,8 @@ def quantize(
     model: Annotated[str, typer.Option(help="bundled name (resnet20, mobilenetv2) or path/to/file.py:factory")] = "resnet20",
     weights: Annotated[str | None, typer.Option(help="weights (.safetensors, or torch state dict) for --model")] = None,
     method: Annotated[str, typer.Option(help=" | ".join(method_names()))] = "qdrop",
-    wbits: Annotated[int, typer.Option(help="weight bits, 2..8")] = 2,
-    abits: Annotated[int, typer.Option(help="activation bits, 2..8")] = 4,
+    wbits: Annotated[int, typer.Option(help="weight bits, 2..8")] = DEFAULT_WBITS,
+    abits: Annotated[int, typer.Option(help="activation bits, 2..8")] = DEFAULT_ABITS,
     calib_size: Annotated[int | None, typer.Option(
         help="calibration images, stratified (default: 1024 real images; with --calib-source synthetic, the whole set)")] = None,
     iters: Annotated[int, typer.Option(help="iterations per unit (the papers use 20000)")] = 2000,
@@ -78,7 +79,7 @@ def eval_(
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """Rebuild the quantized model from a run folder or a packed file and report its test top-1."""
-    from metaaug.data import load_dataset
+    from metaaug.data import load_dataset, only_classes
     from metaaug.evaluate import top1
 
     if (run is None) == (quantized is None):
@@ -106,8 +107,9 @@ def eval_(
             qmodel, meta = opened.view(None, device)
             extra, source = meta["extra"], {"run": str(run)}
     expected, data_dir = extra.get("quant_top1"), data_dir or extra.get("data_dir")
-    if acc is None:
-        acc = round(top1(qmodel, load_dataset(data_dir, "test"), device=next(qmodel.parameters()).device), 2)
+    if acc is None:  # a width of a few-shot QAT run was scored on its seen classes: so is its export
+        test = only_classes(load_dataset(data_dir, "test"), None if extra.get("classes") is None else tuple(extra["classes"]))
+        acc = round(top1(qmodel, test, device=next(qmodel.parameters()).device), 2)
     same = None if expected is None else acc == expected  # None: the run reported no top-1 for this width to compare
     typer.echo(json.dumps({**source, "quant_top1": acc, "report_quant_top1": expected, "reproduced": same}))
     if same is False:
@@ -164,8 +166,8 @@ def cost(
     model: Annotated[str, typer.Option(help="bundled name or path/to/file.py:factory")] = "resnet20",
     weights: Annotated[str | None, typer.Option(help="weights for --model (needed for a user model)")] = None,
     policy: Annotated[Path | None, typer.Option(help="policy.json to cost (default: uniform --wbits/--abits)")] = None,
-    wbits: Annotated[int, typer.Option(help="uniform weight bits when no --policy")] = 4,
-    abits: Annotated[int, typer.Option(help="uniform activation bits when no --policy")] = 4,
+    wbits: Annotated[int, typer.Option(help="uniform weight bits when no --policy")] = DEFAULT_WBITS,
+    abits: Annotated[int, typer.Option(help="uniform activation bits when no --policy")] = DEFAULT_ABITS,
     data_dir: Annotated[str | None, typer.Option(help="data whose image shape the model takes")] = None,
     write_policy: Annotated[Path | None, typer.Option(help="write the costed policy as JSON (a template to edit)")] = None,
     force: Annotated[bool, typer.Option("--force", help="--write-policy may overwrite a file `metaaug cost` did not write")] = False,

@@ -40,7 +40,9 @@ def _yes(value: bool | None) -> str:
 
 def runs_table(rows: list[RunRow]) -> Table:
     """One line per row; an unfinished or unreadable run shows why in the note column."""
-    table = Table(title=f"{len(rows)} run{'s' * (len(rows) != 1)}", title_justify="left")
+    folders = len({r.folder for r in rows})
+    title = f"{folders} run folder{'s' * (folders != 1)}" + (f", {len(rows)} rows (one per QAT width)" if len(rows) != folders else "")
+    table = Table(title=title, title_justify="left")
     for col in COLUMNS:
         table.add_column(col, justify="right" if col in ("top-1", "weight KB", "GBOPs", "seconds") else "left")
     for r in rows:
@@ -63,8 +65,13 @@ def _print_whole(table: Table) -> None:
         return
     options = out_console.options
     width = Measurement.get(out_console, options.update(width=10_000), table).maximum
-    lines = out_console.render_lines(table, options.update(width=width), pad=False)
-    out_console.print(Segments([s for line in lines for s in (*line, Segment.line())]), soft_wrap=True, end="")
+    segments: list[Segment] = []
+    for line in out_console.render_lines(table, options.update(width=width), pad=False):
+        while line and not line[-1].text.strip():  # the title's and caption's padding: no trailing blanks in a file
+            line = line[:-1]
+        segments += [*line[:-1], Segment(line[-1].text.rstrip(), line[-1].style)] if line else []
+        segments.append(Segment.line())
+    out_console.print(Segments(segments), soft_wrap=True, end="")
 
 
 @app.command()

@@ -201,6 +201,6 @@ def export_view(run_dir: str | Path, width: Width, device: str = "cpu") -> tuple
     spec = QuantSpec(width[0], width[1], model.edge_bits, fold_bn=False)
     extra = {"quant_top1": report["top1"].get(name, report.get("unseen_top1", {}).get(name)),
              "fp_top1": report["top1"].get("fp"), "data_dir": job.data_dir, "wbits": width[0], "abits": width[1],
-             "qat_method": job.qat.method}
+             "qat_method": job.qat.method, "classes": None if job.qat.classes is None else list(job.qat.classes)}
     return qmodel, {"model": job.model, "method": f"qat-{job.qat.method}", "spec": dataclasses.asdict(spec),
                     "units": "layer", "extra": extra, "weights": job.weights, "data_dir": job.data_dir}

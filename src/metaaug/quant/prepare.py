@@ -26,6 +26,9 @@ ALLOWED_PARAM_FREE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.Hardsigm
                       nn.AdaptiveMaxPool2d)
 
 
+DEFAULT_WBITS, DEFAULT_ABITS = 2, 4  # the one default setting of the API, the CLI and RunConfig: W2A4
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """Bit-widths in the QDrop setting: first layer W8 on the raw image, last layer W8 with an A8 input.
@@ -34,8 +37,8 @@ class QuantSpec:
     the first and last layers included.
     """
 
-    wbits: int = 4
-    abits: int = 4
+    wbits: int = DEFAULT_WBITS
+    abits: int = DEFAULT_ABITS
     first_last_bits: int = 8
     fold_bn: bool = True
     policy: Policy | None = None
