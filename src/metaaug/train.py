@@ -40,16 +40,14 @@ def train(name: str, epochs: int, batch: int, lr: float, wd: float, seed: int, o
     checkpoints, progress = Checkpoints(out), f"{name if classes is None else stem}_train_progress"
     recipe = [epochs, batch, lr, wd, seed] + ([] if classes is None else [list(classes)])
     ckpt = checkpoints.load(progress)
-    if ckpt is not None:
-        if ckpt.info.get("recipe") != recipe:
-            raise ConfigError(f"{checkpoints.manifest(progress)} belongs to another recipe {ckpt.info.get('recipe')}; "
-                              "delete it to start over")
-        saved = ckpt.object("state")
-        model.load_state_dict(ckpt.tensors("model"))
-        opt.load_state_dict(saved["opt"])
-        sched.load_state_dict(saved["sched"])
-        torch.set_rng_state(saved["rng"])
-        first, start, acc = int(ckpt.info["epoch"]), time.time() - float(ckpt.info["seconds"]), float(ckpt.info["test_top1"])
+    if ckpt is not None and ckpt.info.get("recipe") != recipe:
+        raise ConfigError(f"{checkpoints.manifest(progress)} belongs to another recipe {ckpt.info.get('recipe')}; "
+                          "delete it to start over")
+    saved = checkpoints.load_training(progress, model, {"opt": opt, "sched": sched}, what="this training recipe")
+    if saved is not None:
+        info, extra = saved
+        torch.set_rng_state(extra["rng"])
+        first, start, acc = int(info["epoch"]), time.time() - float(info["seconds"]), float(info["test_top1"])
     for epoch in range(first, epochs):
         model.train()
         perm = torch.randperm(len(train_ds))
@@ -63,9 +61,8 @@ def train(name: str, epochs: int, batch: int, lr: float, wd: float, seed: int, o
             sched.step()
         acc = top1(model.eval(), test_ds)
         print(f"{name} epoch {epoch + 1}/{epochs} loss {loss.item():.3f} test top-1 {acc:.2f} ({time.time() - start:.0f}s)", flush=True)
-        checkpoints.save(progress, {"epoch": epoch + 1, "seconds": time.time() - start, "recipe": recipe, "test_top1": acc},
-                         tensors={"model": model.state_dict()},
-                         objects={"state": {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": torch.get_rng_state()}})
+        checkpoints.save_training(progress, {"epoch": epoch + 1, "seconds": time.time() - start, "recipe": recipe, "test_top1": acc},
+                                  model, {"opt": opt, "sched": sched}, {"rng": torch.get_rng_state()})
     files.save_tensors(out / f"{stem}.safetensors", model.state_dict())
     card = {"model": name, "test_top1": round(acc, 2), "epochs": epochs, "batch": batch, "max_lr": lr, "weight_decay": wd,
             "seed": seed, "optimizer": "SGD nesterov 0.9, OneCycle (15% warm-up), label smoothing 0.1",

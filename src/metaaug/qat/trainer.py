@@ -21,7 +21,6 @@ from metaaug.evaluate import accuracy, logits_of
 from metaaug.progress import PhaseProgress, QuietPhases
 from metaaug.qat.config import QATConfig
 from metaaug.qat.switchable import QATModel, Width, width_name
-from metaaug.runs.files import RESTART_HINT, CorruptFileError
 from metaaug.runs.folder import Checkpoints
 
 CHECKPOINT = "qat_progress"
@@ -162,27 +161,18 @@ def train_qat(model: QATModel, cfg: QATConfig, train: ImageDataset, calib: torch
     state, perm = TrainState(), None
     gen = torch.Generator().manual_seed(0)
     out.mkdir(parents=True, exist_ok=True)
-    checkpoints = Checkpoints(out)
-    ckpt = checkpoints.load(CHECKPOINT)
-    if ckpt is not None:
-        saved = ckpt.object("state")
-        try:
-            model.load_state_dict(ckpt.tensors("model", str(device)))
-            opt.load_state_dict(saved["opt"])
-            sched.load_state_dict(saved["sched"])
-            torch.set_rng_state(saved["rng"])
-            gen.set_state(saved["gen"])
-            perm = saved["perm"]
-            state = TrainState(int(ckpt.info["step"]), float(ckpt.info["seconds"]), ckpt.info["history"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            raise CorruptFileError(f"{checkpoints.manifest(CHECKPOINT)} does not fit this QAT run ({type(err).__name__}); "
-                                   f"{RESTART_HINT}") from None
+    checkpoints, stateful = Checkpoints(out), {"opt": opt, "sched": sched}
+    saved = checkpoints.load_training(CHECKPOINT, model, stateful, str(device), "this QAT run")
+    if saved is not None:
+        info, extra = saved
+        torch.set_rng_state(extra["rng"])
+        gen.set_state(extra["gen"])
+        perm = extra["perm"]
+        state = TrainState(int(info["step"]), float(info["seconds"]), info["history"])
 
     def save() -> None:
-        checkpoints.save(CHECKPOINT, {"step": state.step, "seconds": state.seconds, "history": state.history},
-                         tensors={"model": model.state_dict()},
-                         objects={"state": {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": torch.get_rng_state(),
-                                            "gen": gen.get_state(), "perm": perm}})
+        checkpoints.save_training(CHECKPOINT, {"step": state.step, "seconds": state.seconds, "history": state.history}, model,
+                                  stateful, {"rng": torch.get_rng_state(), "gen": gen.get_state(), "perm": perm})
 
     eval_widths: list[Width | None] = [None, *cfg.widths()]
     step_fn = STEPS[cfg.method]

@@ -119,6 +119,29 @@ class Checkpoints:
             if f.name not in keep:
                 f.unlink(missing_ok=True)
 
+    def save_training(self, name: str, info: dict[str, Any], module: torch.nn.Module, stateful: dict[str, Any],
+                      extra: dict[str, Any] | None = None) -> None:
+        """A training loop's checkpoint: the module's weights, each of `stateful`'s `state_dict()` (optimisers,
+        schedulers) and `extra` (RNG states, permutations: tensors, numbers, lists) beside the JSON `info`."""
+        state = {k: obj.state_dict() for k, obj in stateful.items()}
+        self.save(name, info, tensors={"model": module.state_dict()}, objects={"state": {**state, "extra": extra or {}}})
+
+    def load_training(self, name: str, module: torch.nn.Module, stateful: dict[str, Any], device: str = "cpu",
+                      what: str = "this job") -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """Restore what `save_training` wrote into `module` and `stateful`; returns (info, extra), or None when there
+        is no checkpoint. A checkpoint that does not fit (another model, an edited file) is one line."""
+        ckpt = self.load(name)
+        if ckpt is None:
+            return None
+        saved = ckpt.object("state")
+        try:
+            module.load_state_dict(ckpt.tensors("model", device))
+            for key, obj in stateful.items():
+                obj.load_state_dict(saved[key])
+            return ckpt.info, saved["extra"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CorruptFileError(f"{self.manifest(name)} does not fit {what} ({type(err).__name__}); {RESTART_HINT}") from None
+
     def clear(self, name: str) -> None:
         self._remove_others(name, set())
         self.manifest(name).unlink(missing_ok=True)

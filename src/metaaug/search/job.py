@@ -127,18 +127,12 @@ def train_metaquant(net: MetaQuantNet, space: SearchSpace, images: torch.Tensor,
     rng, gen = random.Random(cfg.seed + 17), torch.Generator().manual_seed(cfg.seed + 19)
     start, curve, prior, t0 = 0, [], 0.0, time.perf_counter()
     checkpoints = Checkpoints(out)
-    ckpt = checkpoints.load(NET_PROGRESS)
-    if ckpt is not None:
-        saved = ckpt.object("state")
-        try:
-            net.load_state_dict(ckpt.tensors("net", str(dev)))
-            opt.load_state_dict(saved["opt"])
-            gen.set_state(saved["gen"])
-            rng.setstate((saved["rng"][0], tuple(saved["rng"][1]), saved["rng"][2]))
-            start, curve, prior = int(ckpt.info["step"]), ckpt.info["curve"], float(ckpt.info["seconds"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            raise CorruptFileError(f"{checkpoints.manifest(NET_PROGRESS)} does not fit this search ({type(err).__name__}); "
-                                   f"{RESTART_HINT}") from None
+    saved = checkpoints.load_training(NET_PROGRESS, net, {"opt": opt}, str(dev), "this search")
+    if saved is not None:
+        info, extra = saved
+        gen.set_state(extra["gen"])
+        rng.setstate((extra["rng"][0], tuple(extra["rng"][1]), extra["rng"][2]))
+        start, curve, prior = int(info["step"]), info["curve"], float(info["seconds"])
     with torch.no_grad():
         targets = logits_of(net.fp_logits, images, 256, dev).to(dev)
     progress.phase("MetaQuantNet", mcfg.steps)
@@ -152,10 +146,9 @@ def train_metaquant(net: MetaQuantNet, space: SearchSpace, images: torch.Tensor,
             curve.append({"step": step, "loss": round(loss, 6)})
         progress.advance(1, f"KL {loss:.4f}")
         if (step + 1) % SAVE_EVERY == 0 and step + 1 < mcfg.steps:
-            checkpoints.save(NET_PROGRESS, {"step": step + 1, "curve": curve, "seconds": prior + time.perf_counter() - t0},
-                             tensors={"net": net.state_dict()},
-                             objects={"state": {"opt": opt.state_dict(), "gen": gen.get_state(),
-                                                "rng": [rng.getstate()[0], list(rng.getstate()[1]), rng.getstate()[2]]}})
+            checkpoints.save_training(NET_PROGRESS, {"step": step + 1, "curve": curve, "seconds": prior + time.perf_counter() - t0},
+                                      net, {"opt": opt}, {"gen": gen.get_state(),
+                                                          "rng": [rng.getstate()[0], list(rng.getstate()[1]), rng.getstate()[2]]})
     return curve, prior + time.perf_counter() - t0
 
 
