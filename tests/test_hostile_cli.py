@@ -67,10 +67,10 @@ def test_no_command_writes_into_or_over_an_existing_run(run, tmp_path, args, mes
 
 @pytest.mark.parametrize(("args", "message"), [
     (["quantize", "--out", "{file}", "--method", "rtn"], "is a file, not a run folder"),
-    (["quantize", "--out", "{tmp}/no/such/run", "--method", "rtn"], "its parent folder"),
+    (["quantize", "--out", "{file}/sub/run", "--method", "rtn"], "user.txt is a file, not a folder"),
     (["quantize", "--out", "/proc/metaaug-run", "--method", "rtn"], "is not writable"),
     (["search", "--out", "{file}", "--avg-wbits", "3", "--meta-steps", "0"], "is a file, not a run folder"),
-    (["qat", "--out", "{tmp}/no/such/run", "--steps", "1"], "its parent folder"),
+    (["qat", "--out", "{file}/run", "--steps", "1"], "user.txt is a file, not a folder"),
     (["synth", "--out", "{file}", "--steps", "1"], "is a file, not a run folder"),
     (["synth", "--out", "{foreign}", "--steps", "1"], "holds files no metaaug job claimed"),
     (["cost", "--write-policy", "{tmp}/no/such/policy.json"], "does not exist"),

@@ -57,7 +57,7 @@ def test_bad_output_folders_are_one_line(tmp_path, setup):
     else:
         target = Path("/proc/metaaug-run")  # a folder no one can write to, root included (chmod does not stop root)
     with pytest.raises(ConfigError, match=re.escape(message)):
-        RunFolder.claim(target, "quantize", {"x": 1})
+        RunFolder.claim(target, "quantize", {"x": 1}, make_parents=False)
     if setup == "foreign":
         assert snapshot(target) == {"notes.txt": b"mine"}
     RunFolder.claim(tmp_path / "new" / "deep", "quantize", {"x": 1}, make_parents=True)  # a default folder may be made

@@ -85,13 +85,13 @@ class RunConfig:
         """The method config's defaults: a run folder stored before a method field existed still resumes."""
         return {"method_config": config_dict(type(self.method_cfg())())}
 
-    def store(self, out: str | Path, restart: bool = False, make_parents: bool = True) -> RunStore:
+    def store(self, out: str | Path, restart: bool = False) -> RunStore:
         """The run folder for this config (refuses one that holds another kind of run or another config)."""
-        return RunStore(out, self.identity(), self.identity_defaults(), restart, make_parents)
+        return RunStore(out, self.identity(), self.identity_defaults(), restart)
 
-    def check_out(self, out: str | Path, restart: bool = False, make_parents: bool = True) -> None:
+    def check_out(self, out: str | Path, restart: bool = False) -> None:
         """What `store` would refuse, found before any work and without writing anything."""
-        RunFolder.check(out, "quantize", self.identity(), self.identity_defaults(), restart, make_parents)
+        RunFolder.check(out, "quantize", self.identity(), self.identity_defaults(), restart)
 
 
 def build_quant_model(cfg: RunConfig) -> QuantModel:
@@ -124,11 +124,11 @@ def stored_config(run: RunFolder) -> RunConfig:
 
 
 def run_job(cfg: RunConfig, out: str | Path, device: str = "auto", progress: Progress | None = None,
-            restart: bool = False, make_parents: bool = True) -> dict[str, Any]:
+            restart: bool = False) -> dict[str, Any]:
     """Quantize per `cfg`, evaluate, and write `report.json` and `quantized.safetensors` into `out` (resuming what
-    is there; `restart` starts over). `make_parents=False`: the parent of `out` must exist (an explicit --out)."""
+    is there; `restart` starts over)."""
     start = time.perf_counter()
-    cfg.check_out(out, restart, make_parents)
+    cfg.check_out(out, restart)
     spec, mcfg = cfg.spec(), cfg.method_cfg()
     dev = resolve_device(device)
     model = build_model(cfg.model, cfg.weights)
@@ -138,7 +138,7 @@ def run_job(cfg: RunConfig, out: str | Path, device: str = "auto", progress: Pro
                                      cfg.mixed_synth)
     check_calibration(calib.images)  # before the run folder exists: a refused run leaves nothing behind
     qmodel = prepare_for(model, mcfg, spec, cfg.units).to(dev)
-    store = cfg.store(out, restart, make_parents)
+    store = cfg.store(out, restart)
     fp_top1 = top1(model.to(dev), test, device=dev)
     ctx = JobContext(calib.images, calib.labels, holdout, store, progress or NullProgress(), Path(out), cfg.seed, dev)
     result = run_method(qmodel, mcfg, ctx)

@@ -60,11 +60,10 @@ def quantize(
     cfg.spec()
     cfg.method_cfg()
     bits = "policy" if policy is not None else f"w{wbits}a{abits}"
-    explicit = out is not None
     out = out or Path("runs") / f"{Path(model.split(':')[0]).stem}-{method}-{bits}-s{seed}"
-    cfg.check_out(out, restart, make_parents=not explicit)
+    cfg.check_out(out, restart)
     with RichProgress(console) as prog:
-        report = run_job(cfg, out, device, prog, restart=restart, make_parents=not explicit)
+        report = run_job(cfg, out, device, prog, restart=restart)
     out_console.print(report_table(report))
     out_console.print(f"run folder: {out}")
 

@@ -47,11 +47,9 @@ def qat(
                     steps=steps, tasks=tasks, lr=lr, batch=batch, share_quantizers=share_quantizers,
                     classes=parse_bits(classes, "--classes"))
     job = QATJob(model=model, weights=weights, data_dir=data_dir, seed=seed, qat=cfg)
-    explicit = out is not None
     out = out or Path("runs") / f"{Path(model.split(':')[0]).stem}-qat-{method}-s{seed}"
     with RichPhases(console) as prog:
-        report = run_qat(job, out, device, prog, command="metaaug " + shlex.join(sys.argv[1:]), restart=restart,
-                         make_parents=not explicit)
+        report = run_qat(job, out, device, prog, command="metaaug " + shlex.join(sys.argv[1:]), restart=restart)
     table = Table(title=f"{model} {method}: test top-1 per width ({report['test_images']} images)")
     for col in ("width", "top1", "kind"):
         table.add_column(col)

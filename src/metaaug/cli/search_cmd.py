@@ -65,11 +65,10 @@ def search(
                        ga=GAConfig(population=population, generations=generations))
     if ray or ray_address is not None:
         check_ray_address(ray_address)  # before MetaQuantNet training, not after it
-    explicit = out is not None
     out = out or Path("runs/search")
     with RichPhases(console) as prog:
         summary = run_search(cfg, out, device, prog, ray=ray or ray_address is not None, ray_address=ray_address,
-                             restart=restart, make_parents=not explicit)
+                             restart=restart)
     best = summary["best"]
     limit = summary["budget"]["limit"]
     named = "" if limit == cfg.budget else f" ({cfg.budget})"

@@ -37,9 +37,9 @@ def synth(
     options = parse_options(option or [])
     refuse_set(options, {"per_class": "--per-class", "steps": "--steps", "real_per_class": "--real-per-class", "seed": "--seed"})
     cfg = FDDAConfig.from_options(**options, per_class=per_class, steps=steps, real_per_class=real_per_class, seed=seed)
-    explicit, out = out is not None, out or Path("synth")
+    out = out or Path("synth")
     identity = {"model": model, "weights": weights, "data_dir": data_dir, "fdda": dataclasses.asdict(cfg)}
-    RunFolder.check(out, "synth", identity, restart=force, make_parents=not explicit)
+    RunFolder.check(out, "synth", identity, restart=force)
     dev = resolve_device(device)
     fp_model = build_model(model, weights)
     bn_layers(fp_model)
@@ -48,7 +48,7 @@ def synth(
     real = load_dataset(data_dir, "train") if cfg.real_per_class > 0 else None
     result = synthesize(fp_model, cfg, real, dev, console)
     result.report.update({"model": model, "weights": weights, "data_dir": data_dir})
-    RunFolder.claim(out, "synth", identity, restart=force, make_parents=not explicit)
+    RunFolder.claim(out, "synth", identity, restart=force)
     save_synth(result, out, f"FDDA synthetic images ({Path(model.split(':')[0]).stem})")
     r = result.report
     out_console.print(f"{r['images']} images, FP accuracy on them {r['fp_accuracy']}%, BN-statistics distance "

@@ -100,14 +100,14 @@ def _plot(history: list[dict], path: Path, title: str) -> None:
 
 
 def run_qat(job: QATJob, out: str | Path, device: str = "auto", progress: PhaseProgress | None = None,
-            command: str | None = None, on_step=None, restart: bool = False, make_parents: bool = True) -> dict[str, Any]:
+            command: str | None = None, on_step=None, restart: bool = False) -> dict[str, Any]:
     """Train per `job` into `out` (resuming what is there; `restart` starts over), evaluate each width on the test
-    split, write the report. `make_parents=False`: the parent of `out` must exist (an explicit --out)."""
+    split, write the report."""
     out, dev, cfg = Path(out), resolve_device(device), job.qat
-    RunFolder.check(out, "qat", job.identity(), restart=restart, make_parents=make_parents)
+    RunFolder.check(out, "qat", job.identity(), restart=restart)
     train, calib, test = job_data(job)
     check_model_fits_data(build_model(job.model, job.weights), job.data_dir, train=train, test=test)  # before the folder is claimed
-    run = RunFolder.claim(out, "qat", job.identity(), restart=restart, make_parents=make_parents)
+    run = RunFolder.claim(out, "qat", job.identity(), restart=restart)
     if run.has(REPORT) and run.has(QAT_STATE):
         return run.read_json(REPORT, "a QAT report")
     torch.manual_seed(job.seed)

@@ -172,7 +172,7 @@ class RunFolder:
 
     @classmethod
     def claim(cls, path: str | Path, kind: str, config: dict[str, Any], defaults: dict[str, Any] | None = None,
-              restart: bool = False, make_parents: bool = False, option: str = "--out") -> RunFolder:
+              restart: bool = False, make_parents: bool = True, option: str = "--out") -> RunFolder:
         """Claim `path` for a job of `kind` with `config`; refuse, in one line and before writing, any folder that
         holds something else. `defaults` (nested like `config`): a field stored before it existed matches its default."""
         path, config = cls.check(path, kind, config, defaults, restart, make_parents, option)
@@ -185,8 +185,10 @@ class RunFolder:
 
     @classmethod
     def check(cls, path: str | Path, kind: str, config: dict[str, Any], defaults: dict[str, Any] | None = None,
-              restart: bool = False, make_parents: bool = False, option: str = "--out") -> tuple[Path, dict[str, Any]]:
-        """What `claim` checks, writing nothing: jobs call it before any work, and claim once the work can start."""
+              restart: bool = False, make_parents: bool = True, option: str = "--out") -> tuple[Path, dict[str, Any]]:
+        """What `claim` checks, writing nothing: jobs call it before any work, and claim once the work can start.
+        `make_parents`: missing parent folders will be created below the nearest existing one, which must be a
+        writable folder (False: the parent itself must exist)."""
         path = Path(path)
         config = json.loads(json.dumps(config))  # as stored: tuples compare as the lists JSON gives back
         config.pop("kind", None)

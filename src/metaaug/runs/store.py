@@ -38,10 +38,10 @@ class RunStore:
     """Progress of one quantize run in `out/`; refuses a folder that holds another kind of run or another config."""
 
     def __init__(self, out: str | Path, config: dict[str, Any], defaults: dict[str, Any] | None = None,
-                 restart: bool = False, make_parents: bool = True) -> None:
+                 restart: bool = False) -> None:
         """`defaults`: the default of each field, nested like `config`, so that a run stored before a field existed
         still matches a config that leaves the new field at its default."""
-        self.folder = RunFolder.claim(out, "quantize", config, defaults, restart, make_parents)
+        self.folder = RunFolder.claim(out, "quantize", config, defaults, restart)
         self.out = self.folder.path
         self.opened = time.perf_counter()
         self.prior_seconds = 0.0  # time the run had spent up to its last save before this process: see `elapsed`

@@ -230,16 +230,15 @@ def _ray_scorer(model, net: MetaQuantNet, space: SearchSpace, hold, fp: torch.Te
 
 
 def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progress: PhaseProgress | None = None,
-               ray: bool = False, ray_address: str | None = None, restart: bool = False,
-               make_parents: bool = True) -> dict[str, Any]:
+               ray: bool = False, ray_address: str | None = None, restart: bool = False) -> dict[str, Any]:
     """Search per `cfg`; writes policy.json, search.json and PNGs into `out` and returns the summary (resuming what
     is there; `restart` starts over). `ray` scores the candidates as Ray tasks; the result is the same as the
-    serial run's. `make_parents=False`: the parent of `out` must exist (an explicit --out)."""
+    serial run's."""
     t0 = time.perf_counter()
     progress = progress or QuietPhases()
     out, dev = Path(out), resolve_device(device)
     identity = {"kind": "search", **dataclasses.asdict(cfg)}
-    RunFolder.check(out, "search", identity, restart=restart, make_parents=make_parents)
+    RunFolder.check(out, "search", identity, restart=restart)
     model = build_model(cfg.model, cfg.weights)
     train = load_dataset(cfg.data_dir, "train")
     check_model_fits_data(model, cfg.data_dir, train=train)
@@ -257,7 +256,7 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
     space = SearchSpace(qmodel, calib.images, cfg.wbits_choices, cfg.abits_choices, cfg.abits)
     budget = space.budget(cfg.budget_kind, cfg.budget)
     space.check_budget(budget)
-    run = RunFolder.claim(out, "search", identity, restart=restart, make_parents=make_parents)
+    run = RunFolder.claim(out, "search", identity, restart=restart)
     torch.manual_seed(cfg.seed)
     net = MetaQuantNet(qmodel, calib.images, space.wchoices, space.achoices or (cfg.abits,), space.wgenes, cfg.meta).to(dev)
     curve: list[dict] = []
