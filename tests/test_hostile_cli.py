@@ -45,8 +45,8 @@ def run(finished_run, tmp_path):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["synth", "--out", "{run}", "--steps", "1", "--per-class", "1"], "is a quantize run folder (written by `metaaug quantize`), not a synth one"),
-    (["export", "--run", "{run}", "--format", "packed", "--out", "{run}/quantized.safetensors"], "is a file of the quantize run itself"),
-    (["export", "--run", "{run}", "--format", "packed", "--out", "{run}/report.json", "--force"], "is a file of the quantize run itself"),
+    (["export", "--run", "{run}", "--format", "packed", "--out", "{run}/quantized.safetensors"], "run that `metaaug export` did not write"),
+    (["export", "--run", "{run}", "--format", "packed", "--out", "{run}/report.json", "--force"], "run that `metaaug export` did not write"),
     (["export", "--run", "{run}", "--format", "packed", "--out", "{other}/m.safetensors"], "inside another job's run folder"),
     (["search", "--out", "{run}", "--avg-wbits", "3", "--meta-steps", "0"], "(written by `metaaug quantize`), not a search one"),
     (["qat", "--out", "{run}", "--steps", "1"], "is a quantize run folder (written by `metaaug quantize`), not a qat one"),
@@ -72,7 +72,7 @@ def test_no_command_writes_into_or_over_an_existing_run(run, tmp_path, args, mes
     (["search", "--out", "{file}", "--avg-wbits", "3", "--meta-steps", "0"], "is a file, not a run folder"),
     (["qat", "--out", "{file}/run", "--steps", "1"], "user.txt is a file, not a folder"),
     (["synth", "--out", "{file}", "--steps", "1"], "is a file, not a run folder"),
-    (["synth", "--out", "{foreign}", "--steps", "1"], "holds files no metaaug job claimed"),
+    (["synth", "--out", "{foreign}", "--steps", "1"], "holds files no metaaug synth job writes (e.g. cat.png)"),
     (["cost", "--write-policy", "{tmp}/no/such/policy.json"], "does not exist"),
     (["cost", "--write-policy", "{file}"], "exists and was not written by `metaaug cost`; --force overwrites it"),
     (["cost", "--write-policy", "/proc/policy.json"], "is not writable"),

@@ -45,7 +45,7 @@ def test_a_legacy_quantize_folder_without_kind_is_a_quantize_run(tmp_path):
 @pytest.mark.parametrize("setup", ["file", "foreign", "missing_parent", "read_only"])
 def test_bad_output_folders_are_one_line(tmp_path, setup):
     target = tmp_path / "run"
-    message = {"file": "is a file, not a run folder", "foreign": "holds files no metaaug job claimed (e.g. notes.txt)",
+    message = {"file": "is a file, not a run folder", "foreign": "holds files no metaaug quantize job writes (e.g. notes.txt)",
                "missing_parent": "its parent folder", "read_only": "is not writable"}[setup]
     if setup == "file":
         target.write_text("x")
@@ -120,7 +120,7 @@ def test_an_output_file_is_never_written_over_a_file_it_did_not_write(tmp_path):
     with pytest.raises(ConfigError, match="exists and was not written by `cmd`; --force overwrites it"):
         check_output_file(theirs, "--out", "cmd", mine)
     assert check_output_file(theirs, "--out", "cmd", mine, force=True) == theirs
-    with pytest.raises(ConfigError, match="is a file of the quantize run itself"):
+    with pytest.raises(ConfigError, match="is a file of the quantize run that `cmd` did not write; give another --out"):
         check_output_file(run.file("quantized.safetensors"), "--out", "cmd", mine, force=True, own_run=run)
     assert check_output_file(run.file("model.onnx"), "--out", "cmd", mine, own_run=run)
     other = RunFolder.claim(tmp_path / "other", "qat", {"x": 1})
@@ -130,3 +130,52 @@ def test_an_output_file_is_never_written_over_a_file_it_did_not_write(tmp_path):
         check_output_file(tmp_path, "--out", "cmd", mine)
     with pytest.raises(ConfigError, match="does not exist"):
         check_output_file(tmp_path / "no" / "x.onnx", "--out", "cmd", mine)
+
+
+def test_restart_never_takes_over_a_folder_holding_the_users_files(tmp_path):
+    (tmp_path / "holiday.png").write_bytes(b"mine")
+    with pytest.raises(ConfigError, match=r"holds files no metaaug search job writes \(e\.g\. holiday\.png\)"):
+        RunFolder.claim(tmp_path, "search", {"x": 1}, restart=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["holiday.png"]
+
+
+def test_a_folder_of_only_this_kinds_files_is_taken_as_its_own(tmp_path):
+    """A synth folder written before config.json existed, or a search folder given a trained MetaQuantNet to reuse."""
+    (tmp_path / "images.safetensors").write_bytes(b"x")
+    (tmp_path / "class_0.png").write_bytes(b"x")
+    RunFolder.claim(tmp_path, "synth", {"x": 1})
+    reuse = _with(tmp_path / "q", "metaquant.pt")
+    with pytest.raises(ConfigError, match="holds files no metaaug quantize job writes"):
+        RunFolder.check(reuse, "quantize", {})
+    RunFolder.claim(reuse, "search", {"x": 1})
+
+
+def _with(folder: Path, name: str) -> Path:
+    folder.mkdir()
+    (folder / name).write_bytes(b"x")
+    return folder
+
+
+def test_progress_written_before_checkpoint_manifests_still_resumes(tmp_path):
+    """A run folder of the previous layout (progress.json + progress.safetensors + progress_method.pt) resumes."""
+    from conftest import TinyNet, randomize_bn
+    from metaaug import QuantSpec, quantize
+    from metaaug.methods.metaaug import MetaAugConfig
+    from metaaug.runs.store import RunStore
+    from test_end_to_end import Interrupt, StopAfter, state_of
+
+    torch.manual_seed(0)
+    model, imgs = randomize_bn(TinyNet()), torch.randn(12, 1, 28, 28)
+    cfg = MetaAugConfig(iters=4, meta_iters=2, meta_batch=4, lr_t=1e-2)
+    full = quantize(model, imgs, cfg, QuantSpec(2, 2), seed=3, device="cpu")
+    with pytest.raises(Interrupt):
+        quantize(model, imgs, cfg, QuantSpec(2, 2), seed=3, device="cpu", store=RunStore(tmp_path, {"x": 1}), progress=StopAfter(2))
+    manifest = json.loads((tmp_path / "progress.json").read_text())
+    parts = manifest.pop("checkpoint")["parts"]
+    (tmp_path / parts["state"]).rename(tmp_path / "progress.safetensors")
+    (tmp_path / parts["method"]).rename(tmp_path / "progress_method.pt")
+    (tmp_path / "progress.json").write_text(json.dumps(manifest))
+    resumed = quantize(model, imgs, cfg, QuantSpec(2, 2), seed=3, device="cpu", store=RunStore(tmp_path, {"x": 1}))
+    a, b = state_of(full), state_of(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "progress.safetensors").exists() and "checkpoint" in json.loads((tmp_path / "progress.json").read_text())

@@ -103,6 +103,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> tuple[QuantModel, Run
     """Rebuild a finished run's quantized model from its folder."""
     run = RunFolder.open(run_dir, ("quantize",), "this command")
     weights = run.require(QUANTIZED, "finished run")
+    run.require(REPORT, "finished run")  # killed between the weights and the report: rerunning finishes it
     report = run.read_json(REPORT, "a run report")
     cfg = stored_config(run)
     qmodel = build_quant_model(cfg)

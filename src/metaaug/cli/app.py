@@ -79,6 +79,7 @@ def eval_(
 ) -> None:
     """Rebuild the quantized model from a run folder or a packed file and report its test top-1."""
     from metaaug.data import load_dataset, only_classes
+    from metaaug.data.checks import check_model_fits_data
     from metaaug.evaluate import top1
 
     if (run is None) == (quantized is None):
@@ -108,6 +109,7 @@ def eval_(
     expected, data_dir = extra.get("quant_top1"), data_dir or extra.get("data_dir")
     if acc is None:  # a width of a few-shot QAT run was scored on its seen classes: so is its export
         test = only_classes(load_dataset(data_dir, "test"), None if extra.get("classes") is None else tuple(extra["classes"]))
+        check_model_fits_data(qmodel, data_dir, test=test)
         acc = round(top1(qmodel, test, device=next(qmodel.parameters()).device), 2)
     same = None if expected is None else acc == expected  # None: the run reported no top-1 for this width to compare
     typer.echo(json.dumps({**source, "quant_top1": acc, "report_quant_top1": expected, "reproduced": same}))
@@ -133,7 +135,10 @@ def train(
     check_value("--epochs", epochs, ">= 1")
     check_value("--seed", seed, SEED)
     seen = parse_ints(classes, "--classes")
-    card = train_fn(model, epochs, 128, 0.2, 5e-4, seed, out or WEIGHTS_DIR, seen)
+    out = out or WEIGHTS_DIR
+    if out.exists() and not out.is_dir():
+        raise MetaAugError(f"--out {out} is a file; give a folder for the weights")
+    card = train_fn(model, epochs, 128, 0.2, 5e-4, seed, out, seen)
     out_console.print_json(json.dumps(card))
 
 
@@ -174,6 +179,7 @@ def cost(
     """Weight memory and BOPs of a bit-width policy, per layer and in total, against FP32 and uniform W8A8."""
     from metaaug.cli.progress import cost_table
     from metaaug.data import load_dataset
+    from metaaug.data.checks import check_model_fits_data
     from metaaug.models.registry import build_model
     from metaaug.quant.cost import model_bits, model_cost
     from metaaug.quant.prepare import QuantSpec, prepare
@@ -182,7 +188,9 @@ def cost(
         check_output_file(write_policy, "--write-policy", "metaaug cost", written_by_cost, force)
     spec = QuantSpec(wbits, abits, policy=None if policy is None else Policy.load(policy))
     qmodel = prepare(build_model(model, weights), spec, "layer")
-    report = model_cost(qmodel, load_dataset(data_dir, "test").images[:1])
+    test = load_dataset(data_dir, "test")
+    check_model_fits_data(qmodel, data_dir, test=test)
+    report = model_cost(qmodel, test.images[:1])
     out_console.print(cost_table(report))
     if write_policy is not None:
         Policy(model_bits(qmodel)).save(write_policy, written_by=COST_MARK)

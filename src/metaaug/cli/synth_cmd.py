@@ -28,6 +28,7 @@ def synth(
 ) -> None:
     """Train FDDA's class-conditional generator on the FP model's BN statistics and save synthetic calibration images."""
     from metaaug.data import load_dataset
+    from metaaug.data.checks import check_model_fits_data
     from metaaug.environment import resolve_device
     from metaaug.models.registry import build_model
     from metaaug.runs.folder import RunFolder
@@ -46,6 +47,8 @@ def synth(
     # the real images' descriptor sets the image shape and range; data-free runs use --set image_shape/value_range
     # (default: Fashion-MNIST's 1x28x28) and read no data at all
     real = load_dataset(data_dir, "train") if cfg.real_per_class > 0 else None
+    if real is not None:
+        check_model_fits_data(fp_model, data_dir, train=real)
     result = synthesize(fp_model, cfg, real, dev, console)
     result.report.update({"model": model, "weights": weights, "data_dir": data_dir})
     RunFolder.claim(out, "synth", identity, restart=force)

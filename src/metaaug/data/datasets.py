@@ -121,9 +121,10 @@ def _class_names(folder: Path) -> list[str]:
 
 
 def split_classes(root: Path) -> list[str]:
-    """The class names of an image-folder dataset: the sorted union of the class folders of every split present, so
-    that a class keeps its index in each split even where one split lacks its folder."""
-    return sorted({name for split in ("train", "test", "val") if (root / split).is_dir() for name in _class_names(root / split)})
+    """The class names of an image-folder dataset: the sorted union of the class folders of the splits it loads
+    (train, and test or else val), so that a class keeps its index in each split even where one split lacks it."""
+    splits = ("train", "test") if (root / "test").is_dir() else ("train", "val")
+    return sorted({name for split in splits if (root / split).is_dir() for name in _class_names(root / split)})
 
 
 def _image_files(folder: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from metaaug.data import load_dataset
+from metaaug.data.checks import check_model_fits_data
 from metaaug.data.datasets import ImageDataset
 from metaaug.errors import MetaAugError, ModelError
 from metaaug.evaluate import accuracy, logits_of
@@ -35,7 +36,7 @@ def record(run_dir: str | Path, results: dict[str, Any], width: str | None = Non
     """Merge `results` into `<run>/export.json` (one file for both formats) and return the merged dict. A QAT run's
     results are kept per width (`{"widths": {"w4a4": {...}}}`), so exports of two widths never mix."""
     path = Path(run_dir) / EXPORT_JSON
-    merged = files.read_json(path, "export results") if path.exists() else {}
+    merged = files.read_json(path, "export results", f"delete {path.name} (it only records exports)") if path.exists() else {}
     if not isinstance(merged, dict):
         merged = {}
     if width is None:
@@ -107,6 +108,7 @@ def export_onnx_run(run_dir: str | Path, out: str | Path, data_dir: str | None =
     require_onnx()
     qmodel, meta = load_for_export(run_dir, bits)
     test = _test_set(meta["data_dir"], data_dir, limit)
+    check_model_fits_data(qmodel, data_dir or meta["data_dir"], test=test)
     with files.atomic_path(out) as tmp:  # published only once the check passes: a failed export leaves no file
         start = time.perf_counter()
         export_onnx(qmodel, tmp, test.images[:1], act_int4=act_int4)
@@ -149,6 +151,7 @@ def export_packed_run(run_dir: str | Path, out: str | Path, data_dir: str | None
 
     qmodel, meta = load_for_export(run_dir, bits)
     test = _test_set(meta["data_dir"], data_dir, limit)
+    check_model_fits_data(qmodel, data_dir or meta["data_dir"], test=test)
     with files.atomic_path(out) as tmp:  # published only once the rebuilt model matches: a failed check leaves no file
         sizes = save_packed(qmodel, tmp, {k: meta[k] for k in ("model", "method", "spec", "units", "extra")})
         ref = logits_of(qmodel, test.images)

@@ -124,7 +124,7 @@ def run_fewshot(run_dir: str | Path, widths: list[int | None], cfg: EpisodeConfi
     `out` (default `<run>/fewshot.json`) never replaces a file fewshot did not write, unless `force`."""
     opened = open_run(run_dir, "fewshot", ("qat",))
     path = check_output_file(Path(out) if out else opened.folder.file("fewshot.json"), "--out", "metaaug fewshot",
-                             written_by_fewshot, force, own_run=opened.folder)
+                             written_by_fewshot, force, own_run=opened.folder, own_names=("fewshot.json",))
     for bits in widths:
         if bits is not None:
             check_bits(bits, "--bits width")

@@ -139,6 +139,7 @@ def open_qat_run(run_dir: str | Path, device: str = "auto") -> tuple[QATModel, Q
     calibration images and test split (loaded once for callers that need them)."""
     run = RunFolder.open(run_dir, ("qat",), "this command")
     state_path = run.require(QAT_STATE, "finished QAT run")
+    run.require(REPORT, "finished QAT run")  # killed before the report: rerunning `metaaug qat` finishes it
     report = run.read_json(REPORT, "a QAT report")
     job = QATJob.from_identity(run.config)
     _, calib, test = job_data(job)

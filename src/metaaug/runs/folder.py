@@ -30,11 +30,12 @@ KINDS = ("quantize", "qat", "search", "synth")
 # what each kind writes besides its config and checkpoints: removed by --restart, and a reader's guide to a folder
 OUTPUTS: dict[str, tuple[str, ...]] = {
     "quantize": ("quantized.safetensors", "report.json", "export.json", "model.onnx", "model.mq.safetensors",
-                 "progress.json", "progress-*"),
+                 "transforms.png", "meta_losses.png", "progress.json", "progress-*",
+                 "progress.safetensors", "progress_method.pt"),  # the last two: the layout before checkpoint manifests
     "qat": ("qat.safetensors", "bn_stats.safetensors", "report.json", "accuracy.png", "fewshot.json", "export.json",
-            "w*.model.onnx", "w*.model.mq.safetensors", "qat_progress.json", "qat_progress-*"),
-    "search": ("metaquant.pt", "policy.json", "search.json", "*.png", "metaquant_progress.json", "metaquant_progress-*",
-               "search_state.json", "search_state-*"),
+            "w*.model.onnx", "w*.model.mq.safetensors", "qat_progress.json", "qat_progress-*", "qat_progress.pt"),
+    "search": ("metaquant.pt", "policy.json", "search.json", "pareto.png", "generations.png", "metaquant_progress.json",
+               "metaquant_progress-*", "metaquant_progress.pt", "search_state.json"),
     "synth": ("images.safetensors", "class_*.png", "report.json"),
 }
 COMMAND = {"quantize": "metaaug quantize", "qat": "metaaug qat", "search": "metaaug search", "synth": "metaaug synth"}
@@ -115,7 +116,8 @@ class Checkpoints:
         return Checkpoint(self.folder, name, info, dict(meta["parts"]))
 
     def _remove_others(self, name: str, keep: set[str]) -> None:
-        for f in self.folder.glob(f"{name}-*.*"):
+        """Older generations' parts, and temp files a kill mid-write left of this checkpoint's files."""
+        for f in [*self.folder.glob(f"{name}-*.*"), *self.folder.glob(f".{name}*.tmp-*")]:
             if f.name not in keep:
                 f.unlink(missing_ok=True)
 
@@ -155,6 +157,11 @@ def probe_writable(folder: Path, what: str) -> None:
         probe.unlink()
     except OSError as err:
         raise ConfigError(f"{what} {folder} is not writable ({err.strerror or type(err).__name__})") from None
+
+
+def matches(path: Path, kind: str) -> bool:
+    """Whether `path` is named like a file a job of `kind` writes."""
+    return path.is_file() and any(path.match(pattern) for pattern in OUTPUTS[kind])
 
 
 def kind_of(config: dict[str, Any]) -> str:
@@ -211,10 +218,10 @@ class RunFolder:
     def _check_existing(path: Path, kind: str, config: dict[str, Any], defaults: dict[str, Any] | None, restart: bool,
                         option: str) -> None:
         cfg_path = path / CONFIG
-        if not cfg_path.exists():
-            others = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
-            if others and not restart:
-                raise ConfigError(f"{option} {path} holds files no metaaug job claimed (e.g. {others[0]}); "
+        if not cfg_path.exists():  # unclaimed: only a folder of this kind's own files (e.g. written before config.json) is taken
+            others = sorted(p.name for p in path.iterdir() if not p.name.startswith(".") and not matches(p, kind))
+            if others:
+                raise ConfigError(f"{option} {path} holds files no metaaug {kind} job writes (e.g. {others[0]}); "
                                   "give an empty or new folder")
             return
         try:
@@ -276,7 +283,7 @@ class RunFolder:
         path = Path(path)
         if path.parent.resolve() != self.path.resolve():
             return False
-        if path.name == CONFIG or any(path.match(pattern) for pattern in OUTPUTS[self.kind]):
+        if path.name == CONFIG or matches(path, self.kind):
             return True
         return any(path.name == m.name or path.name.startswith(f"{m.stem}-") for m in self._manifests())
 
@@ -299,6 +306,8 @@ class RunFolder:
                     f.unlink()
         for manifest in self._manifests():
             self.checkpoints.clear(manifest.stem)
+        for tmp in self.path.glob(".*.tmp-*"):  # what a kill mid-write left
+            tmp.unlink(missing_ok=True)
         (self.path / CONFIG).unlink(missing_ok=True)
 
 

@@ -15,6 +15,7 @@ from metaaug.runs.files import RESTART_HINT, CorruptFileError
 from metaaug.runs.folder import Checkpoint, RunFolder
 
 QUANTIZED, REPORT, PROGRESS = "quantized.safetensors", "report.json", "progress"
+LEGACY_STATE, LEGACY_METHOD = "progress.safetensors", "progress_method.pt"  # before checkpoint manifests
 
 
 def model_state(qmodel: QuantModel) -> dict:
@@ -50,7 +51,7 @@ class RunStore:
 
     def restore(self, qmodel: QuantModel) -> tuple[int, list]:
         """Load the saved progress into `qmodel`; returns (units done, their stats)."""
-        ckpt = self._checkpoint = self.folder.checkpoints.load(PROGRESS)
+        ckpt = self._checkpoint = self._legacy() or self.folder.checkpoints.load(PROGRESS)
         if ckpt is None:
             return 0, []
         apply_state(qmodel, ckpt.tensors("state"), self.out / ckpt.parts["state"])
@@ -60,6 +61,18 @@ class RunStore:
             return self.resumed_units, [UnitStats(**s) for s in info["units"]]
         except (KeyError, TypeError, ValueError):
             raise CorruptFileError(f"{self.folder.checkpoints.manifest(PROGRESS)} lacks the unit progress; {RESTART_HINT}") from None
+
+    def _legacy(self) -> Checkpoint | None:
+        """Progress written by metaaug before checkpoint manifests (progress.json beside progress.safetensors and, for
+        MetaAug, progress_method.pt), read as it is; the next save replaces it with a manifest."""
+        manifest = self.folder.checkpoints.manifest(PROGRESS)
+        if not (manifest.is_file() and self.folder.has(LEGACY_STATE)):
+            return None
+        info = files.read_json(manifest, "a checkpoint manifest")
+        if not isinstance(info, dict) or "checkpoint" in info:
+            return None
+        parts = {"state": LEGACY_STATE, **({"method": LEGACY_METHOD} if self.folder.has(LEGACY_METHOD) else {})}
+        return Checkpoint(self.out, PROGRESS, info, parts)
 
     def elapsed(self) -> float:
         """Seconds the run has taken so far, across resumes: the time up to the last save of an interrupted attempt
@@ -72,6 +85,8 @@ class RunStore:
         info = {"units_done": units_done, "units": [dataclasses.asdict(s) for s in stats], "elapsed": round(self.elapsed(), 3)}
         self.folder.checkpoints.save(PROGRESS, info, tensors={"state": model_state(qmodel)},
                                      objects={} if method_state is None else {"method": method_state})
+        for legacy in (LEGACY_STATE, LEGACY_METHOD):  # the manifest now holds the progress: the old layout goes
+            self.folder.file(legacy).unlink(missing_ok=True)
 
     def restore_method_state(self) -> dict | None:
         """The method state saved with the progress (loaded with `weights_only=True`), or None if there is none."""

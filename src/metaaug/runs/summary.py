@@ -21,12 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from metaaug.errors import ConfigError
+from metaaug.qat.trainer import CHECKPOINT as QAT_CHECKPOINT
 from metaaug.runs import files
 from metaaug.runs.files import CorruptFileError
 from metaaug.runs.folder import CONFIG, KINDS, RunFolder, kind_of
+from metaaug.runs.store import PROGRESS as STORE_PROGRESS
+from metaaug.runs.store import REPORT
+from metaaug.search.job import NET_FILE as META_NET
+from metaaug.search.job import NET_PROGRESS
+from metaaug.search.job import STATE_FILE as SEARCH_STATE
 
-REPORT, SEARCH, PROGRESS = "report.json", "search.json", "progress.json"
-QAT_PROGRESS, SEARCH_STATE, META_NET, META_PROGRESS = "qat_progress.json", "search_state.json", "metaquant.pt", "metaquant_progress.json"
+SEARCH = "search.json"
+PROGRESS, QAT_PROGRESS, META_PROGRESS = (f"{name}.json" for name in (STORE_PROGRESS, QAT_CHECKPOINT, NET_PROGRESS))  # manifests
 DONE = "done"
 _WIDTH = re.compile(r"w(\d+)a(\d+)")
 # bits that mark the layers a uniform width changes when the cost of a QAT width is worked out (see `uniform_cost`)
@@ -128,6 +134,8 @@ def read_run(path: str | Path) -> list[RunRow]:
         return reader(run, folder)
     except _Corrupt as bad:
         return [RunRow(folder, run.kind, _text(run.config.get("model")), status=f"corrupt: {bad.name}")]
+    except (TypeError, ValueError, KeyError, AttributeError):  # a file of the right syntax holding values of another shape
+        return [RunRow(folder, run.kind, status="corrupt: its config or progress holds unexpected values")]
 
 
 def _json(run: RunFolder, name: str) -> Any:
