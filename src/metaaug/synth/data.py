@@ -43,8 +43,11 @@ def check_synth_folder(synth: str | Path) -> None:
         raise ConfigError(f"synth folder {folder} does not exist (write one with `metaaug synth --out {folder}`)")
     if not (folder / IMAGES_FILE).is_file():
         if (folder / "config.json").is_file():
-            raise ConfigError(f"{folder} is a run folder of another job, not a synth folder (no {IMAGES_FILE}); "
-                              "give the folder `metaaug synth --out` wrote")
+            from metaaug.runs.folder import RunFolder
+
+            kind = RunFolder.open(folder, ("quantize", "qat", "search", "synth"), "--synth").kind
+            what = "an unfinished synth run" if kind == "synth" else f"a {kind} run folder, not a synth folder"
+            raise ConfigError(f"{folder} is {what} (no {IMAGES_FILE}); give a folder `metaaug synth --out` finished")
         raise ConfigError(f"synth folder {folder} holds no {IMAGES_FILE} (write one with `metaaug synth --out {folder}`)")
 
 
