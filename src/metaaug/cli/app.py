@@ -15,7 +15,7 @@ from metaaug.errors import MetaAugError
 from metaaug.methods.registry import method_names
 from metaaug.quant.policy import Policy
 from metaaug.quant.prepare import DEFAULT_ABITS, DEFAULT_WBITS
-from metaaug.runs.outputs import check_output_file
+from metaaug.runs.outputs import check_output_file, json_marked
 
 
 @app.command()
@@ -61,7 +61,6 @@ def quantize(
     cfg.method_cfg()
     bits = "policy" if policy is not None else f"w{wbits}a{abits}"
     out = out or Path("runs") / f"{Path(model.split(':')[0]).stem}-{method}-{bits}-s{seed}"
-    cfg.check_out(out, restart)
     with RichProgress(console) as prog:
         report = run_job(cfg, out, device, prog, restart=restart)
     out_console.print(report_table(report))
@@ -185,7 +184,7 @@ def cost(
     from metaaug.quant.prepare import QuantSpec, prepare
 
     if write_policy is not None:
-        check_output_file(write_policy, "--write-policy", "metaaug cost", written_by_cost, force)
+        check_output_file(write_policy, "--write-policy", COST_MARK, json_marked(COST_MARK), force)
     spec = QuantSpec(wbits, abits, policy=None if policy is None else Policy.load(policy))
     qmodel = prepare(build_model(model, weights), spec, "layer")
     test = load_dataset(data_dir, "test")
@@ -198,14 +197,6 @@ def cost(
 
 
 COST_MARK = "metaaug cost"
-
-
-def written_by_cost(path: Path) -> bool:
-    """A policy file an earlier `metaaug cost --write-policy` wrote (it carries the mark), which it may replace."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("written_by") == COST_MARK
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return False
 
 
 from metaaug.cli import export_cmd, qat_cmd, runs_cmd, search_cmd, synth_cmd  # noqa: E402,F401  (register their commands)

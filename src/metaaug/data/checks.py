@@ -79,12 +79,13 @@ def check_labels(dataset: ImageDataset, num_outputs: int, what: str, *, warn_unu
     as wrong (or crash a loss), so they are refused; more outputs than classes (a 1000-class head on 10-class data)
     is only warned about. Classes count from `dataset.classes`, not the labels present, so data restricted to some
     classes (`only_classes`) does not warn."""
-    if not _named(dataset.classes):  # classes counted from the labels (IDX): a stray label is the news, not the count
-        _check_label_range(dataset.labels, num_outputs, what)
     classes = len(dataset.classes)
-    if classes > num_outputs:
-        raise DataError(f"{classes} classes in {what} but the model has {num_outputs} outputs")
+    too_many = DataError(f"{classes} classes in {what} but the model has {num_outputs} outputs")
+    if classes > num_outputs and _named(dataset.classes):  # counted from the labels (IDX), a stray label is the news
+        raise too_many
     _check_label_range(dataset.labels, num_outputs, what)
+    if classes > num_outputs:
+        raise too_many
     if warn_unused and num_outputs > classes:
         warn(_unused_outputs(num_outputs, classes, what))
 

@@ -8,7 +8,6 @@ per width; episodes come from the test split of the unseen classes only.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from metaaug.quant.prepare import QuantModel
 from metaaug.quant.quantizers import check_bits
 from metaaug.runs import files
 from metaaug.runs.opened import open_run
-from metaaug.runs.outputs import check_output_file
+from metaaug.runs.outputs import check_output_file, json_marked
 
 HEADS = ("proto", "maml")
 FEWSHOT_MARK = "metaaug fewshot"
@@ -110,21 +109,13 @@ def episode_accuracy(feats: torch.Tensor, support: torch.Tensor, query: torch.Te
     return 100.0 * float((logits.argmax(1) == yq).float().mean())
 
 
-def written_by_fewshot(path: Path) -> bool:
-    """A results file an earlier `metaaug fewshot` wrote (it carries the mark), which a rerun may replace."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("written_by") == FEWSHOT_MARK
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return False
-
-
 def run_fewshot(run_dir: str | Path, widths: list[int | None], cfg: EpisodeConfig, out: str | Path | None = None,
                 force: bool = False) -> dict[str, Any]:
     """Episodes per (width, K, head) on the unseen classes' test images; mean accuracy with a 95% interval.
     `out` (default `<run>/fewshot.json`) never replaces a file fewshot did not write, unless `force`."""
     opened = open_run(run_dir, "fewshot", ("qat",))
-    path = check_output_file(Path(out) if out else opened.folder.file("fewshot.json"), "--out", "metaaug fewshot",
-                             written_by_fewshot, force, own_run=opened.folder, own_names=("fewshot.json",))
+    path = check_output_file(Path(out) if out else opened.folder.file("fewshot.json"), "--out", FEWSHOT_MARK,
+                             json_marked(FEWSHOT_MARK), force, own_run=opened.folder, own_names=("fewshot.json",))
     for bits in widths:
         if bits is not None:
             check_bits(bits, "--bits width")

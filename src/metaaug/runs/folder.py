@@ -283,29 +283,15 @@ class RunFolder:
         path = Path(path)
         if path.parent.resolve() != self.path.resolve():
             return False
-        if path.name == CONFIG or matches(path, self.kind):
-            return True
-        return any(path.name == m.name or path.name.startswith(f"{m.stem}-") for m in self._manifests())
-
-    def _manifests(self) -> list[Path]:
-        out = []
-        for manifest in self.path.glob("*.json"):
-            try:
-                data = json.loads(manifest.read_text(encoding="utf-8"))
-            except (OSError, ValueError, RecursionError):
-                continue
-            if isinstance(data, dict) and isinstance(data.get("checkpoint"), dict):
-                out.append(manifest)
-        return out
+        return path.name == CONFIG or matches(path, self.kind)
 
     def wipe(self) -> None:
-        """Remove what this kind writes (--restart): outputs, checkpoints (manifest and parts) and the config."""
+        """Remove what this kind writes (--restart): outputs and checkpoints (manifests and parts, both in OUTPUTS),
+        temp files a kill left, and the config."""
         for pattern in OUTPUTS[self.kind]:
             for f in self.path.glob(pattern):
                 if f.is_file():
                     f.unlink()
-        for manifest in self._manifests():
-            self.checkpoints.clear(manifest.stem)
         for tmp in self.path.glob(".*.tmp-*"):  # what a kill mid-write left
             tmp.unlink(missing_ok=True)
         (self.path / CONFIG).unlink(missing_ok=True)

@@ -4,11 +4,22 @@ itself (unless `--force`), or into another job's run folder."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 from metaaug.errors import ConfigError
 from metaaug.runs.folder import CONFIG, RunFolder, probe_writable
+
+
+def json_marked(mark: str) -> Callable[[Path], bool]:
+    """Whether a file is a JSON object an earlier run of the command `mark` wrote (its `written_by` says so)."""
+    def marked(path: Path) -> bool:
+        try:
+            return json.loads(path.read_text(encoding="utf-8")).get("written_by") == mark
+        except (OSError, ValueError, AttributeError, RecursionError):
+            return False
+    return marked
 
 
 def check_output_file(path: str | Path, option: str, command: str, written_by_us: Callable[[Path], bool],
