@@ -72,8 +72,8 @@ def test_one_quantizer_per_tensor_shared_by_residual_consumers():
 
 
 def test_unknown_layer_type_is_named():
-    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.LayerNorm([4, 26, 26]), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
-    with pytest.raises(ModelError, match="unknown layer type LayerNorm at '1'"):
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.PReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+    with pytest.raises(ModelError, match="unknown layer type PReLU at '1'"):
         prepare(net, QuantSpec())
 
 

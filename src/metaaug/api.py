@@ -12,12 +12,15 @@ from metaaug.data.checks import check_calibration
 from metaaug.environment import resolve_device
 from metaaug.methods.registry import JobContext, MethodResult, handler_for, method_config
 from metaaug.progress import NullProgress, Progress
+from metaaug.quant.capture import Example
 from metaaug.quant.prepare import QuantModel, QuantSpec, prepare
 
 
-def prepare_for(model: nn.Module, cfg: Any, spec: QuantSpec, units: str | Sequence[str] | None = None) -> QuantModel:
-    """The fake-quant model a method works on: units from `units`, else the method's own (e.g. 'layer' for AdaRound)."""
-    return prepare(model, spec, units if units is not None else getattr(cfg, "units", "block"))
+def prepare_for(model: nn.Module, cfg: Any, spec: QuantSpec, units: str | Sequence[str] | None = None,
+                example: Example = None) -> QuantModel:
+    """The fake-quant model a method works on: units from `units`, else the method's own (e.g. 'layer' for AdaRound).
+    `example`: inputs for models that only torch.export can capture."""
+    return prepare(model, spec, units if units is not None else getattr(cfg, "units", "block"), example)
 
 
 def run_method(qmodel: QuantModel, cfg: Any, ctx: JobContext) -> MethodResult:
@@ -40,6 +43,6 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, method: Any = "qdrop"
     cfg = method_config(method)
     dev = resolve_device(device)
     check_calibration(calib_images)
-    qmodel = prepare_for(model, cfg, spec or QuantSpec(), units).to(dev)
+    qmodel = prepare_for(model, cfg, spec or QuantSpec(), units, calib_images).to(dev)
     ctx = JobContext(calib_images, seed=seed, device=dev, progress=progress or NullProgress(), store=store)
     return run_method(qmodel, cfg, ctx).model

@@ -96,7 +96,8 @@ class RunConfig:
 
 def build_quant_model(cfg: RunConfig) -> QuantModel:
     """The (empty) fake-quant model a run's saved state loads into."""
-    return prepare_for(build_model(cfg.model, cfg.weights), cfg.method_cfg(), cfg.spec(), cfg.units)
+    return prepare_for(build_model(cfg.model, cfg.weights), cfg.method_cfg(), cfg.spec(), cfg.units,
+                       lambda: load_dataset(cfg.data_dir, "test").images[:2])
 
 
 def load_run(run_dir: str | Path, device: str = "auto") -> tuple[QuantModel, RunConfig, dict]:
@@ -138,7 +139,7 @@ def run_job(cfg: RunConfig, out: str | Path, device: str = "auto", progress: Pro
     calib, holdout = calibration_set(train, cfg.calib_source, cfg.synth, cfg.calib_size, cfg.seed, cfg.holdout,
                                      cfg.mixed_synth)
     check_calibration(calib.images)  # before the run folder exists: a refused run leaves nothing behind
-    qmodel = prepare_for(model, mcfg, spec, cfg.units).to(dev)
+    qmodel = prepare_for(model, mcfg, spec, cfg.units, calib.images).to(dev)
     store = cfg.store(out, restart)
     fp_top1 = top1(model.to(dev), test, device=dev)
     ctx = JobContext(calib.images, calib.labels, holdout, store, progress or NullProgress(), Path(out), cfg.seed, dev)

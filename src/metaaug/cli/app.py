@@ -127,6 +127,7 @@ def train(
 ) -> None:
     """Train a bundled FP model on Fashion-MNIST (the recipe in the model card)."""
     from metaaug.models.registry import BUNDLED, WEIGHTS_DIR
+    from metaaug.train import recipe
     from metaaug.train import train as train_fn
 
     if model not in BUNDLED:
@@ -137,7 +138,7 @@ def train(
     out = out or WEIGHTS_DIR
     if out.exists() and not out.is_dir():
         raise MetaAugError(f"--out {out} is a file; give a folder for the weights")
-    card = train_fn(model, epochs, 128, 0.2, 5e-4, seed, out, seen)
+    card = train_fn(model, epochs, *recipe(model), seed, out, seen)
     out_console.print_json(json.dumps(card))
 
 
@@ -186,8 +187,8 @@ def cost(
     if write_policy is not None:
         check_output_file(write_policy, "--write-policy", COST_MARK, json_marked(COST_MARK), force)
     spec = QuantSpec(wbits, abits, policy=None if policy is None else Policy.load(policy))
-    qmodel = prepare(build_model(model, weights), spec, "layer")
     test = load_dataset(data_dir, "test")
+    qmodel = prepare(build_model(model, weights), spec, "layer", test.images)
     check_model_fits_data(qmodel, data_dir, test=test)
     report = model_cost(qmodel, test.images[:1])
     out_console.print(cost_table(report))

@@ -14,10 +14,11 @@ from torch import nn
 from metaaug.errors import ModelError
 from metaaug.models.mobilenet import mobilenetv2
 from metaaug.models.resnet import resnet20, resnet56
+from metaaug.models.vit import vit
 from metaaug.quant.prepare import check_model_tensors
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-BUNDLED: dict[str, Callable[[], nn.Module]] = {"resnet20": resnet20, "mobilenetv2": mobilenetv2, "resnet56": resnet56}
+BUNDLED: dict[str, Callable[[], nn.Module]] = {"resnet20": resnet20, "mobilenetv2": mobilenetv2, "resnet56": resnet56, "vit": vit}
 
 
 def bundled_weights(name: str) -> Path:

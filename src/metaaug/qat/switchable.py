@@ -168,7 +168,7 @@ class QATModel(nn.Module):
         for b in [*wbits, *abits, edge_bits]:
             check_bits(b)
         self.edge_bits = edge_bits
-        self.qnet = prepare(net, QuantSpec(wbits[0], abits[0], edge_bits, fold_bn=False), "layer")
+        self.qnet = prepare(net, QuantSpec(wbits[0], abits[0], edge_bits, fold_bn=False), "layer", calib)
         last = {ql.path for ql in self.qnet.quant_layers() if ql.edge == "last"}
         for aq in self.qnet.act_quantizers():
             aq.observing = True

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metaaug.quant.quantizers import WeightQuantizer
+from metaaug.quant.quantizers import ActQuantizer, WeightQuantizer
 
 SUPPORTED = (nn.Conv2d, nn.Linear)
 
@@ -40,3 +40,34 @@ class QuantLayer(nn.Module):
         if isinstance(self.layer, nn.Conv2d):
             return self.layer._conv_forward(x, w, self.layer.bias)
         return F.linear(x, w, self.layer.bias)
+
+
+class QuantMatmul(nn.Module):
+    """`a @ b` between two activations (attention's QK^T and attn.V), each input through its own activation quantizer.
+
+    `role` is "qk" or "av" where the graph shows which (the first input of "av" is a softmax output), else "matmul".
+    """
+
+    def __init__(self, qa: ActQuantizer, qb: ActQuantizer, role: str) -> None:
+        super().__init__()
+        self.qa, self.qb, self.role = qa, qb, role
+        self.path = ""  # where it sits in the prepared model (set by prepare; reports and costs name it)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self.qa(a), self.qb(b))
+
+
+class ParamRef(nn.Module):
+    """A parameter or buffer that the forward reads directly (class token, position embedding, layer scale, a
+    functional LayerNorm's weight) as a module call, so that splitting the graph keeps it inside the unit reading it
+    instead of passing it between units as if it were a batch of activations."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        if isinstance(value, nn.Parameter):
+            self.value = value
+        else:
+            self.register_buffer("value", value)
+
+    def forward(self) -> torch.Tensor:
+        return self.value

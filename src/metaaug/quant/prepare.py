@@ -1,7 +1,9 @@
-"""Turn any traceable `nn.Module` into a fake-quant model split into reconstruction units.
+"""Turn any `nn.Module` into a fake-quant model split into reconstruction units.
 
-Steps: FX-trace, fold BN, wrap every Conv2d/Linear in a `QuantLayer`, put one `ActQuantizer` on each tensor a
-quantized layer consumes (shared by all its consumers, the image excepted), then split the graph into units.
+Steps: capture the graph (`quant.capture`: torch.fx, else torch.export), fold BN, wrap every Conv2d/Linear in a
+`QuantLayer`, put one `ActQuantizer` on each tensor a quantized layer or a GELU reads (shared by all its readers, the
+image excepted), turn each matmul between two activations into a `QuantMatmul` with a quantizer on each input (a
+softmax output on the chosen grid), then split the graph into units.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from torch import fx, nn
 from torch.fx.passes.split_module import split_module
 
 from metaaug.errors import ConfigError, ModelError
+from metaaug.quant.capture import Example, capture
 from metaaug.quant.fold import fold_batchnorm
-from metaaug.quant.layers import SUPPORTED, QuantLayer
+from metaaug.quant.graph_ops import insert_matmul_quantizers, localize_constants, params_into_modules, quantized_readers
+from metaaug.quant.layers import SUPPORTED, QuantLayer, QuantMatmul
 from metaaug.quant.policy import Policy
 from metaaug.quant.quantizers import ActQuantizer, check_bits
 from metaaug.quant.units import UnitFinder, UnitPlan, check_unit_names, warn_fallback
@@ -24,8 +28,10 @@ from metaaug.quant.units import UnitFinder, UnitPlan, check_unit_names, warn_fal
 ALLOWED_PARAM_FREE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh,
                       nn.Identity, nn.Flatten, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
                       nn.AdaptiveMaxPool2d)
+KEPT_FLOAT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)  # normalisations left in float (BN folded)
 
 
+SOFTMAX_GRIDS = ("uniform", "log2")
 DEFAULT_WBITS, DEFAULT_ABITS = 2, 4  # the one default setting of the API, the CLI and RunConfig: W2A4
 
 
@@ -42,11 +48,14 @@ class QuantSpec:
     first_last_bits: int = 8
     fold_bn: bool = True
     policy: Policy | None = None
+    softmax_grid: str = "uniform"  # grid of the quantizer on a softmax output: "uniform" or "log2" (FQ-ViT, RepQ-ViT)
 
     def __post_init__(self) -> None:
         check_bits(self.wbits, "weight bit-width (wbits)")
         check_bits(self.abits, "activation bit-width (abits)")
         check_bits(self.first_last_bits, "first/last layer bit-width")
+        if self.softmax_grid not in SOFTMAX_GRIDS:
+            raise ConfigError(f"softmax_grid must be one of {', '.join(SOFTMAX_GRIDS)}, got {self.softmax_grid!r}")
         if self.policy is not None and not isinstance(self.policy, Policy):  # e.g. from dataclasses.asdict / JSON
             object.__setattr__(self, "policy", Policy.from_dict(self.policy))
 
@@ -72,6 +81,10 @@ class QuantModel(nn.Module):
 
     def quant_layers(self, module: nn.Module | None = None) -> Iterator[QuantLayer]:
         yield from (m for m in (module or self).modules() if isinstance(m, QuantLayer))
+
+    def matmuls(self, module: nn.Module | None = None) -> Iterator[QuantMatmul]:
+        """The matmuls between two activations (attention's QK^T and attn.V), each input quantized."""
+        yield from (m for m in (module or self).modules() if isinstance(m, QuantMatmul))
 
     def act_quantizers(self, module: nn.Module | None = None) -> Iterator[ActQuantizer]:
         yield from (m for m in (module or self).modules() if isinstance(m, ActQuantizer))
@@ -118,26 +131,18 @@ def check_finite_weights(model: nn.Module) -> None:
             raise ModelError(f"model tensor '{name}' holds {bad} NaN/Inf value(s); the checkpoint is corrupt")
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
-    try:
-        return fx.symbolic_trace(model)
-    except Exception as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"{type(model).__name__} cannot be traced by torch.fx ({msg}); "
-                         "data-dependent control flow in forward() is not supported") from None
-
-
 def _check_layers(gm: fx.GraphModule) -> None:
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
         mod = modules[node.target]
-        if isinstance(mod, SUPPORTED + ALLOWED_PARAM_FREE + (nn.BatchNorm1d, nn.BatchNorm2d)):
+        if isinstance(mod, SUPPORTED + ALLOWED_PARAM_FREE + KEPT_FLOAT):
             continue
         if any(True for _ in mod.parameters(recurse=False)) or any(True for _ in mod.buffers(recurse=False)):
             raise ModelError(f"unknown layer type {type(mod).__name__} at '{node.target}': "
-                             "supported are Conv2d, Linear, BatchNorm and parameter-free activations/pooling")
+                             "supported are Conv2d, Linear, BatchNorm, LayerNorm, GroupNorm, MultiheadAttention and "
+                             "parameter-free activations/pooling")
 
 
 def _layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
@@ -170,11 +175,19 @@ def _input_bits(spec: QuantSpec, consumers: list[fx.Node], last: set[fx.Node]) -
     return next(iter(wanted.values()))
 
 
-def prepare(model: nn.Module, spec: QuantSpec, units: str | Sequence[str] = "block") -> QuantModel:
+def _reader_name(node: fx.Node) -> str:
+    """A non-layer reader of a quantized tensor (a GELU) by its module path, else its graph name."""
+    return str(node.target) if node.op == "call_module" else node.name
+
+
+def prepare(model: nn.Module, spec: QuantSpec, units: str | Sequence[str] = "block",
+            example: Example = None) -> QuantModel:
     """Build the fake-quant model (quantization off) from a copy of `model`.
 
     `units`: 'block' (blocks found from the graph: residual/concat regions, multi-layer modules, lone layers
     elsewhere; see `quant.units`), 'layer' (one unit per Conv/Linear, AdaRound) or a list of module paths.
+    `example` (a batch of inputs, or a function returning one) is needed only for models torch.fx cannot trace:
+    torch.export captures them from it.
     """
     model = copy.deepcopy(model).eval()
     if not any(isinstance(m, SUPPORTED) for m in model.modules()):
@@ -184,7 +197,7 @@ def prepare(model: nn.Module, spec: QuantSpec, units: str | Sequence[str] = "blo
         raise ConfigError(f"units must be 'block', 'layer' or a list of module paths, got {units!r}")
     mode: str | list[str] = units if isinstance(units, str) else check_unit_names(model, units)
 
-    gm = _trace(model)
+    gm = capture(model, example)
     _check_layers(gm)
     if spec.fold_bn:
         fold_batchnorm(gm)
@@ -218,23 +231,27 @@ def prepare(model: nn.Module, spec: QuantSpec, units: str | Sequence[str] = "blo
     gm.add_module("aq", aq_root)
     quantizer_src: dict[fx.Node, fx.Node] = {}
     for tensor in list(gm.graph.nodes):
-        consumers = [u for u in tensor.users if u in layer_set]
+        consumers = quantized_readers(tensor, layer_set, modules)
         if not consumers or tensor.op == "placeholder":
             continue
-        bits = _input_bits(spec, consumers, last)
-        for u in consumers:
+        layer_readers = [u for u in consumers if u in layer_set]
+        bits = _input_bits(spec, layer_readers, last) if layer_readers else spec.abits
+        for u in layer_readers:
             modules[u.target].abits = bits
         name = tensor.name.replace(".", "_")
         aq = ActQuantizer(bits)
-        aq.consumers = [str(u.target) for u in consumers]
+        aq.consumers = [str(u.target) if u in layer_set else _reader_name(u) for u in consumers]
         aq_root.add_module(name, aq)
         with gm.graph.inserting_after(tensor):
             qnode = gm.graph.call_module(f"aq.{name}", (tensor,))
         tensor.replace_all_uses_with(qnode, delete_user_cb=lambda u, q=qnode: u is not q)
         quantizer_src[qnode] = tensor
+    insert_matmul_quantizers(gm, spec.abits, spec.softmax_grid)
+    params_into_modules(gm)
     gm.recompile()
 
     unit_of, plans = UnitFinder(gm, layer_set.__contains__, quantizer_src.get).plan(mode)
+    localize_constants(gm.graph, unit_of)
     if mode == "block" and all(p.found == "layer" for p in plans):
         warn_fallback(type(model).__name__)
     split = split_module(gm, model, lambda n: unit_of[n], keep_original_order=True)

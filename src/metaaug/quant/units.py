@@ -17,17 +17,23 @@ import torch
 from torch import fx, nn
 
 from metaaug.errors import ConfigError, ModelError
+from metaaug.quant.graph_ops import is_size
 
 JOINS: dict[object, str] = {
     operator.add: "residual", torch.add: "residual", "add": "residual", operator.sub: "residual", torch.sub: "residual",
     "sub": "residual", operator.iadd: "residual", torch.cat: "concat", torch.concat: "concat", torch.stack: "concat",
     operator.mul: "gate", torch.mul: "gate", "mul": "gate",
+    # the same joins in a torch.export (ATen) graph
+    torch.ops.aten.add.Tensor: "residual", torch.ops.aten.sub.Tensor: "residual", torch.ops.aten.cat.default: "concat",
+    torch.ops.aten.stack.default: "concat", torch.ops.aten.mul.Tensor: "gate",
 }
 ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid,
                        nn.Tanh, nn.Identity, nn.Dropout)
 ELEMENTWISE_FUNCS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6, torch.nn.functional.gelu,
                      torch.nn.functional.silu, torch.nn.functional.hardswish, torch.nn.functional.hardtanh, torch.sigmoid,
-                     torch.tanh, "relu", "relu_", "sigmoid", "tanh", "clamp"}
+                     torch.tanh, "relu", "relu_", "sigmoid", "tanh", "clamp", torch.ops.aten.relu.default, torch.ops.aten.gelu.default,
+                     torch.ops.aten.silu.default, torch.ops.aten.sigmoid.default, torch.ops.aten.hardtanh.default,
+                     torch.ops.aten.hardswish.default, torch.ops.aten.clamp.default}
 
 
 @dataclass
@@ -51,13 +57,13 @@ def check_unit_names(model: nn.Module, names: Iterable[str]) -> list[str]:
 
 
 def _stack(node: fx.Node) -> list[str]:
-    """Module paths that own `node`, outermost first (the root excluded)."""
+    """Module paths that own `node`, outermost first (the root excluded: torch.export lists it as '')."""
     stack = node.meta.get("nn_module_stack") or {}
-    return [v[0] if isinstance(v, tuple) else k for k, v in stack.items()]
+    return [p for p in (v[0] if isinstance(v, tuple) else k for k, v in stack.items()) if p]
 
 
-def _is_join(node: fx.Node) -> str | None:
-    if node.op not in ("call_function", "call_method") or len(_inputs(node)) < 2:
+def _is_join(node: fx.Node, data: set[fx.Node]) -> str | None:
+    if node.op not in ("call_function", "call_method") or len([i for i in _inputs(node) if i in data]) < 2:
         return None
     try:
         return JOINS.get(node.target)
@@ -66,15 +72,26 @@ def _is_join(node: fx.Node) -> str | None:
 
 
 def _inputs(node: fx.Node) -> list[fx.Node]:
-    """Data inputs: constants and parameters (get_attr) do not make a fork."""
-    return [n for n in node.all_input_nodes if n.op != "get_attr"]
+    """Data inputs: constants, parameters (get_attr) and shape reads (an all-true mask expanded to the batch size) do
+    not make a fork."""
+    return [n for n in node.all_input_nodes if n.op != "get_attr" and not is_size(n)]
 
 
-def _immediate_dominators(nodes: list[fx.Node], order: dict[fx.Node, int]) -> dict[fx.Node, fx.Node | None]:
-    """Cooper-Harvey-Kennedy on a DAG in topological order; None is the virtual root above the inputs."""
+def _data_nodes(nodes: list[fx.Node]) -> set[fx.Node]:
+    """Nodes that depend on the model's input; a constant (a mask built with arange, a token) is not data."""
+    data: set[fx.Node] = set()
+    for node in nodes:
+        if node.op == "placeholder" or any(i in data for i in _inputs(node)):
+            data.add(node)
+    return data
+
+
+def _immediate_dominators(nodes: list[fx.Node], order: dict[fx.Node, int], data: set[fx.Node]) -> dict[fx.Node, fx.Node | None]:
+    """Cooper-Harvey-Kennedy on a DAG in topological order; None is the virtual root above the inputs. Only data
+    inputs are edges: a constant mask read by every block would otherwise make the root every block's fork."""
     idom: dict[fx.Node, fx.Node | None] = {}
     for node in nodes:
-        preds = [p for p in _inputs(node) if p in idom]
+        preds = [p for p in _inputs(node) if p in idom and p in data]
         if not preds:
             idom[node] = None
             continue
@@ -91,12 +108,12 @@ def _immediate_dominators(nodes: list[fx.Node], order: dict[fx.Node, int]) -> di
     return idom
 
 
-def _region(join: fx.Node, fork: fx.Node, order: dict[fx.Node, int]) -> set[fx.Node]:
-    """Every node on a path from `fork` (excluded) to `join` (included)."""
+def _region(join: fx.Node, fork: fx.Node, order: dict[fx.Node, int], data: set[fx.Node]) -> set[fx.Node]:
+    """Every data node on a path from `fork` (excluded) to `join` (included)."""
     out, todo = set(), [join]
     while todo:
         n = todo.pop()
-        if n in out or n is fork or order[n] <= order[fork]:
+        if n in out or n is fork or order[n] <= order[fork] or n not in data:
             continue
         out.add(n)
         todo.extend(_inputs(n))
@@ -125,6 +142,7 @@ class UnitFinder:
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.layers = [n for n in self.nodes if is_layer(n)]
         self.layer_paths = {n: str(n.target) for n in self.layers}
+        self.data = _data_nodes(self.nodes)
 
     def owner(self, nodes: Iterable[fx.Node]) -> str:
         """The deepest module whose forward produced all of `nodes` ('' for the root); quantizer nodes do not count."""
@@ -149,14 +167,14 @@ class UnitFinder:
 
     # ---- graph regions ------------------------------------------------------------------------------
     def regions(self) -> list[tuple[set[fx.Node], str]]:
-        idom = _immediate_dominators(self.nodes, self.order)
+        idom = _immediate_dominators(self.nodes, self.order, self.data)
         found: list[tuple[set[fx.Node], str]] = []
         for node in self.nodes:
-            kind = _is_join(node)
+            kind = _is_join(node, self.data)
             fork = idom.get(node) if kind else None
             if fork is None:
                 continue
-            region = _region(node, fork, self.order)
+            region = _region(node, fork, self.order, self.data)
             if any(self.is_layer(n) for n in region):
                 found.append((region, kind))
         merged: list[tuple[set[fx.Node], str]] = []

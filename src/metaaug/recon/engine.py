@@ -60,7 +60,8 @@ class UnitData:
                 qb = qdrop_mix(qb, f[idx].to(device, non_blocking=True), quant_prob)
             inputs.append(qb)
         out = self.fp_out
-        target = out[idx].to(device) if isinstance(out, torch.Tensor) else tuple(o[idx].to(device) for o in out)
+        target = out[idx].to(device) if isinstance(out, torch.Tensor) else tuple(
+            o[idx].to(device) if isinstance(o, torch.Tensor) else o for o in out)  # shapes passed between units stay as they are
         return inputs, target
 
 

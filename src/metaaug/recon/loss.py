@@ -10,12 +10,14 @@ from metaaug.quant.quantizers import WeightQuantizer
 
 
 def as_tuple(x: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
+    """The tensors of a unit's output (shapes that a unit hands to the next are not compared)."""
+    return (x,) if isinstance(x, torch.Tensor) else tuple(v for v in x if isinstance(v, torch.Tensor))
 
 
 def output_error(pred, target) -> torch.Tensor:
-    """BRECQ's block loss: squared error summed over channels, averaged over batch (and positions)."""
-    return sum(((p - t) ** 2).sum(1).mean() for p, t in zip(as_tuple(pred), as_tuple(target), strict=True))
+    """BRECQ's block loss: squared error summed over channels, averaged over batch (and positions). Channels are dim 1
+    of an NCHW map or a (batch, features) matrix, and the last dim of a (batch, tokens, channels) sequence."""
+    return sum(((p - t) ** 2).sum(-1 if p.dim() == 3 else 1).mean() for p, t in zip(as_tuple(pred), as_tuple(target), strict=True))
 
 
 def beta_at(it: int, total: int, warmup: float, start: float = 20.0, end: float = 2.0) -> float | None:

@@ -290,8 +290,9 @@ def _cost_template(model: str, weights: str | None, data_dir: str | None) -> tup
         from metaaug.quant.cost import layer_infos, model_bits
         from metaaug.quant.prepare import QuantSpec, prepare
 
-        qmodel = prepare(build_model(model, weights), QuantSpec(_PROBE_WBITS, _PROBE_ABITS), "layer")
-        return layer_infos(qmodel, load_dataset(data_dir, "test").images[:1]), model_bits(qmodel)
+        images = load_dataset(data_dir, "test").images[:2]
+        qmodel = prepare(build_model(model, weights), QuantSpec(_PROBE_WBITS, _PROBE_ABITS), "layer", images)
+        return layer_infos(qmodel, images[:1]), model_bits(qmodel)
     except Exception:  # a model or data folder not loadable here (moved, another machine): the cost stays unknown
         return None
 

@@ -174,7 +174,7 @@ def _rebuild_and_score(recipe: tuple, genomes: list[Genome]) -> list[dict]:
     """In a Ray worker: prepare the FP model again, load MetaQuantNet's state, score `genomes`.
     (FX graph modules do not pickle, so the recipe ships the FP model and the state instead of the network.)"""
     model, wchoices, achoices, searchable, mcfg, state, space, images, labels, fp, fitness = recipe
-    qmodel = prepare(model, QuantSpec(8, 8), "layer")
+    qmodel = prepare(model, QuantSpec(8, 8), "layer", images)
     net = MetaQuantNet(qmodel, images[:8], wchoices, achoices, searchable, mcfg)
     net.load_state_dict(state)
     return score(net.eval(), space, images, labels, fp, genomes, fitness)
@@ -252,7 +252,7 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
             raise ConfigError(f"--meta-images {cfg.meta_images} exceeds the {len(rest)} train images outside the calibration set")
         pick = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(cfg.seed + 23))[: cfg.meta_images]]
         meta_images = torch.cat([calib.images, train.images[pick]])
-    qmodel = prepare(model, QuantSpec(8, 8), "layer").to(dev)
+    qmodel = prepare(model, QuantSpec(8, 8), "layer", calib.images).to(dev)
     space = SearchSpace(qmodel, calib.images, cfg.wbits_choices, cfg.abits_choices, cfg.abits)
     budget = space.budget(cfg.budget_kind, cfg.budget)
     space.check_budget(budget)
