@@ -6,11 +6,13 @@ import torch
 from torch import nn
 
 from metaaug.data.datasets import ImageDataset
+from metaaug.quant.capture import output_logits
 
 
 @torch.no_grad()
 def logits_of(model: nn.Module, images: torch.Tensor, batch: int = 500, device: torch.device | str = "cpu") -> torch.Tensor:
-    outs = [model(images[i : i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)]
+    """The model's logits for `images` (a dict, ModelOutput or tuple output gives its logits: `output_logits`)."""
+    outs = [output_logits(model(images[i : i + batch].to(device))).float().cpu() for i in range(0, len(images), batch)]
     return torch.cat(outs)
 
 

@@ -88,6 +88,9 @@ def cost_table(cost: dict) -> Table:
     for r in cost["layers"]:
         table.add_row(r["name"], str(r["wbits"]), "image" if r["abits"] is None else str(r["abits"]), str(r["params"]),
                       str(r["macs"]), f"{r['weight_bits'] / 8192:.2f}", f"{r['bops'] / 1e6:.1f}")
+    for r in cost.get("matmuls", []):
+        table.add_row(f"{r['name']} ({r['role']} matmul)", "-", "x".join(map(str, r["abits"])), "0", str(r["macs"]), "0.00",
+                      f"{r['bops'] / 1e6:.1f}")
     table.add_section()
     table.add_row("total", f"{cost['avg_wbits']:.2f}", "", "", "", f"{cost['weight_kb']:.2f}", f"{cost['gbops'] * 1e3:.1f}")
     table.add_row("vs FP32", "", "", "", "", f"{100 * cost['weight_vs_fp32']:.1f}%", f"{100 * cost['bops_vs_fp32']:.2f}%")

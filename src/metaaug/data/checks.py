@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from metaaug.errors import DataError, ModelError, warn
+from metaaug.quant.capture import output_logits
 
 if TYPE_CHECKING:
     from metaaug.data.datasets import ImageDataset
@@ -41,7 +42,9 @@ def model_outputs(model: nn.Module, example: torch.Tensor) -> int:
     model.eval()
     try:
         with torch.no_grad():
-            out = model(x.to(param.device) if param is not None else x)
+            out = output_logits(model(x.to(param.device) if param is not None else x))
+    except ModelError:
+        raise
     except Exception as exc:  # a user model: a channel or size mismatch, anything its forward raises
         msg = str(exc).splitlines()[0] if str(exc) else ""
         raise ModelError(f"the model fails on one {tuple(x.shape[1:])} image of the data: {type(exc).__name__}: {msg}") from None

@@ -24,15 +24,16 @@ def sdpa_math(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
         keep = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
     if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+        scores = masked_scores(scores, attn_mask, 1, True)
     return scores.softmax(dim=-1) @ value
 
 
 class DecomposedMHA(nn.Module):
     """`nn.MultiheadAttention` (eval mode) as q/k/v Linear layers, explicit matmuls and an output projection.
 
-    Same call signature and outputs `(attn_output, attn_weights or None)`; dropout is not applied (quantization
-    works on the eval-mode model). Attention biases `bias_k`/`bias_v` and `add_zero_attn` are refused at swap time.
+    Same call signature and outputs `(attn_output, attn_weights or None)` for batched inputs; dropout is not applied
+    (quantization works on the eval-mode model). Attention biases `bias_k`/`bias_v` and `add_zero_attn` are refused
+    at swap time.
     """
 
     def __init__(self, mha: nn.MultiheadAttention) -> None:
@@ -64,33 +65,38 @@ class DecomposedMHA(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
                 need_weights: bool = True, attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batched = query.dim() == 3
-        if not batched:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-        if not self.batch_first or not batched:
+        if not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
         scores = q @ k.transpose(-2, -1) * self.head_dim ** -0.5
         if attn_mask is not None:
-            mask = attn_mask if attn_mask.dim() == 2 else attn_mask.reshape(q.shape[0], self.num_heads, *attn_mask.shape[-2:])
-            scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            scores = masked_scores(scores, attn_mask, self.num_heads, False)
         elif is_causal:
             keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
             scores = scores.masked_fill(~keep, float("-inf"))
         if key_padding_mask is not None:
-            pad = key_padding_mask[:, None, None, :]
-            scores = scores.masked_fill(pad, float("-inf")) if pad.dtype == torch.bool else scores + pad
+            scores = masked_scores(scores, key_padding_mask[:, None, None, :], self.num_heads, False)
         attn = scores.softmax(dim=-1)
-        out = (attn @ v).transpose(1, 2).reshape(q.shape[0], q.shape[2], self.embed_dim)
-        out = self.out_proj(out)
-        if not self.batch_first or not batched:
+        out = self.out_proj((attn @ v).transpose(1, 2).reshape(q.shape[0], q.shape[2], self.embed_dim))
+        if not self.batch_first:
             out = out.transpose(0, 1)
-        if not batched:
-            out = out.squeeze(1)
-            attn = attn.squeeze(0)
         if not need_weights:
             return out, None
         return out, attn.mean(dim=-3) if average_attn_weights else attn
+
+
+def masked_scores(scores: torch.Tensor, mask: torch.Tensor, heads: int, keep_true: bool) -> torch.Tensor:
+    """`scores` with a boolean mask (`keep_true`: True = attend, as SDPA; else True = masked out, as
+    nn.MultiheadAttention) or an additive float mask applied; a (B*H, L, S) mask is viewed as (B, H, L, S).
+    A leaf of the fx trace (its branches depend on the mask's dtype and rank)."""
+    if mask.dim() == 3:
+        mask = mask.reshape(-1, heads, *mask.shape[-2:])
+    if mask.dtype != torch.bool:
+        return scores + mask
+    return scores.masked_fill(~mask if keep_true else mask, float("-inf"))
+
+
+torch.fx.wrap("masked_scores")
 
 
 def decompose_attention(model: nn.Module) -> None:

@@ -3,7 +3,7 @@
 Both give the graph `prepare` works on. The exported graph is ATen-level; its Conv2d/Linear calls are turned back
 into calls of the model's own modules (by the module path of their weight), so the two routes quantize the same
 layers under the same names. Before capture, attention is decomposed (`quant.attention`) so that QK^T and attn.V
-are explicit matmuls, and the forward's result is reduced to one logits tensor by one rule (`logits_of`).
+are explicit matmuls, and the forward's result is reduced to one logits tensor by one rule (`output_logits`).
 """
 
 from __future__ import annotations
@@ -23,30 +23,30 @@ OUTPUT_RULE = ("the model's forward must return a logits tensor, a dict or Model
                "or a tuple/list whose first item is the logits")
 
 
-def logits_of(out: object) -> torch.Tensor:
+def output_logits(out: object) -> torch.Tensor:
     """The one output rule: a tensor is the logits; a dict or `ModelOutput` gives its 'logits' entry (else its first
     tensor); a tuple or list gives its first item. Works on graph values (fx nodes) as on tensors."""
     if isinstance(out, torch.Tensor | fx.Proxy | fx.Node):
         return out
     if isinstance(out, Mapping) or (hasattr(out, "keys") and hasattr(out, "__getitem__")):
         if "logits" in out:
-            return logits_of(out["logits"])
+            return output_logits(out["logits"])
         for key in out:
             if isinstance(out[key], torch.Tensor | fx.Proxy):
                 return out[key]
     if isinstance(out, tuple | list) and out:
-        return logits_of(out[0])
+        return output_logits(out[0])
     raise ModelError(f"forward() returned {type(out).__name__}; {OUTPUT_RULE}")
 
 
 def _with_logits(model: nn.Module) -> None:
-    """Make `model`'s forward return `logits_of(...)` of its result (class swap, so module paths stay as they are)."""
+    """Make `model`'s forward return `output_logits(...)` of its result (class swap, so module paths stay as they are)."""
     cls = type(model)
     if getattr(cls, "_metaaug_logits", False):
         return
 
     def forward(self, x):  # one input, the images: the signature torch.export sees
-        return logits_of(cls.forward(self, x))
+        return output_logits(cls.forward(self, x))
 
     model.__class__ = type(cls.__name__, (cls,), {"forward": forward, "_metaaug_logits": True, "__module__": cls.__module__})
 
@@ -98,7 +98,7 @@ def capture(model: nn.Module, example: Example = None) -> fx.GraphModule:
             fx_reason = _first_line(exc)
         else:
             out = next(n for n in gm.graph.nodes if n.op == "output")
-            out.args = (logits_of(out.args[0]),)
+            out.args = (output_logits(out.args[0]),)
             gm.graph.eliminate_dead_code()
             gm.recompile()
             return gm
@@ -116,8 +116,10 @@ def capture(model: nn.Module, example: Example = None) -> fx.GraphModule:
     gm = ep.module()
     out = next(n for n in gm.graph.nodes if n.op == "output")
     gm.graph.set_codegen(fx.graph.CodeGen())  # plain call convention: one image tensor in, the logits out
-    out.args = (logits_of(out.args[0]),)
-    return _modules_back(gm, model)
+    out.args = (output_logits(out.args[0]),)
+    gm = _modules_back(gm, model)
+    gm.meta["input_shape"] = tuple(example.shape[1:])  # a rebuild (packed file, run folder) captures it again from this
+    return gm
 
 
 def _modules_back(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:

@@ -2,7 +2,8 @@
 
 Weight memory counts what the packed format stores: each weight at its bit-width, per output channel an FP32
 scale and an 8-bit zero-point, biases in FP32. BOPs = MACs x weight bits x input-activation bits; the first
-layer's input is the image, counted at 8 bits (pixels), and FP32 counts 32 x 32.
+layer's input is the image, counted at 8 bits (pixels), and FP32 counts 32 x 32. A matmul between two activations
+(attention) counts MACs x the bits of its two inputs.
 """
 
 from __future__ import annotations
@@ -51,6 +52,34 @@ def layer_infos(qmodel: QuantModel, example: torch.Tensor) -> list[LayerInfo]:
             for ql in qmodel.quant_layers()]
 
 
+@dataclass(frozen=True)
+class MatmulInfo:
+    """A matmul between two activations (attention's QK^T, attn.V): MACs per image and its two input bit-widths."""
+
+    name: str
+    role: str
+    macs: int
+    abits: tuple[int, int]
+
+
+@torch.no_grad()
+def matmul_infos(qmodel: QuantModel, example: torch.Tensor) -> list[MatmulInfo]:
+    """MACs per image of each `QuantMatmul` (output elements x inner dimension), from one forward pass."""
+    macs: dict[str, int] = {}
+    hooks = []
+    for mm in qmodel.matmuls():
+        def hook(mod, inp, out, mm=mm):
+            macs[mm.path] = int(out[0].numel()) * int(inp[0].shape[-1])
+        hooks.append(mm.register_forward_hook(hook))
+    try:
+        if hooks:
+            qmodel(example[:1].to(next(qmodel.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [MatmulInfo(mm.path, mm.role, macs[mm.path], (mm.qa.bits, mm.qb.bits)) for mm in qmodel.matmuls()]
+
+
 def model_bits(qmodel: QuantModel) -> dict[str, LayerBits]:
     """The bits a prepared model actually uses, per layer (its effective policy)."""
     return {ql.path: LayerBits(ql.wq.bits, ql.abits or IMAGE_BITS) for ql in qmodel.quant_layers()}
@@ -64,19 +93,23 @@ def _abits(info: LayerInfo, bits: LayerBits) -> int:
     return IMAGE_BITS if info.reads_image else bits.abits
 
 
-def policy_cost(infos: list[LayerInfo], bits: Mapping[str, LayerBits]) -> dict[str, Any]:
-    """Weight memory and BOPs of `bits` per layer and in total, with the FP32 and uniform-W8A8 references."""
+def policy_cost(infos: list[LayerInfo], bits: Mapping[str, LayerBits], matmuls: list[MatmulInfo] = ()) -> dict[str, Any]:
+    """Weight memory and BOPs of `bits` per layer and in total, with the FP32 and uniform-W8A8 references.
+
+    Activation-activation matmuls (`matmuls`) hold no weights; their BOPs are MACs x the bits of their two inputs."""
+    mm_rows = [{**asdict(m), "abits": list(m.abits), "bops": m.macs * m.abits[0] * m.abits[1]} for m in matmuls]
+    mm_bops, mm_macs = sum(r["bops"] for r in mm_rows), sum(m.macs for m in matmuls)
     layers = []
     for info in infos:
         b = bits[info.name]
         layers.append({**asdict(info), "wbits": b.wbits, "abits": None if info.reads_image else b.abits,
                        "weight_bits": _weight_bits(info, b.wbits), "bops": info.macs * b.wbits * _abits(info, b)})
     wbits = sum(r["weight_bits"] for r in layers)
-    bops = sum(r["bops"] for r in layers)
+    bops = sum(r["bops"] for r in layers) + mm_bops
     fp_w = sum((i.params + i.bias) * FP_BITS for i in infos)
-    fp_bops = sum(i.macs * FP_BITS * FP_BITS for i in infos)
+    fp_bops = (sum(i.macs for i in infos) + mm_macs) * FP_BITS * FP_BITS
     w8_w = sum(_weight_bits(i, 8) for i in infos)
-    w8_bops = sum(i.macs * 8 * 8 for i in infos)
+    w8_bops = (sum(i.macs for i in infos) + mm_macs) * 8 * 8
     params = sum(i.params for i in infos)
     return {
         "weight_bits": wbits, "weight_kb": round(wbits / 8 / 1024, 3), "bops": bops, "gbops": round(bops / 1e9, 4),
@@ -86,9 +119,10 @@ def policy_cost(infos: list[LayerInfo], bits: Mapping[str, LayerBits]) -> dict[s
         "fp32_weight_kb": round(fp_w / 8 / 1024, 3), "w8a8_weight_kb": round(w8_w / 8 / 1024, 3),
         "fp32_gbops": round(fp_bops / 1e9, 4), "w8a8_gbops": round(w8_bops / 1e9, 4),
         "layers": layers,
+        **({"matmuls": mm_rows} if mm_rows else {}),
     }
 
 
 def model_cost(qmodel: QuantModel, example: torch.Tensor) -> dict[str, Any]:
     """The cost of a prepared model at the bits it uses."""
-    return policy_cost(layer_infos(qmodel, example), model_bits(qmodel))
+    return policy_cost(layer_infos(qmodel, example), model_bits(qmodel), matmul_infos(qmodel, example))

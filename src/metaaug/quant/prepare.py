@@ -69,6 +69,7 @@ class QuantModel(nn.Module):
         self.unit_plans = plans
         self.unit_names = [p.name for p in plans]
         self.unit_targets = [f"submod_{i}" for i in range(len(plans))]
+        self.input_shape: tuple[int, ...] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gm(x)
@@ -258,4 +259,6 @@ def prepare(model: nn.Module, spec: QuantSpec, units: str | Sequence[str] = "blo
     targets = sorted({unit_of[n] for n in unit_of})
     if targets != list(range(len(plans))):
         raise ModelError("internal error: unit partition is not contiguous")
-    return QuantModel(split, plans)
+    qmodel = QuantModel(split, plans)
+    qmodel.input_shape = gm.meta.get("input_shape")  # set where torch.export captured the model (it needs an example)
+    return qmodel

@@ -7,6 +7,7 @@ last layers stay at 8 bits, as in the QDrop setting.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from metaaug.errors import ConfigError
-from metaaug.quant.cost import LayerInfo, layer_infos, policy_cost
+from metaaug.quant.cost import LayerInfo, layer_infos, matmul_infos, policy_cost
 from metaaug.quant.policy import LayerBits, Policy
 from metaaug.quant.prepare import QuantModel
 from metaaug.quant.quantizers import check_bits
@@ -98,8 +99,11 @@ class SearchSpace:
         self.first = [ql.path for ql in layers if ql.edge == "first"]
         self.last = [ql.path for ql in layers if ql.edge == "last"]
         self.wgenes = [p for p in self.layers if p not in self.first and p not in self.last]
-        self.agroups = [list(aq.consumers) for aq in qmodel.act_quantizers() if not set(aq.consumers) & set(self.last)]
+        # activation genes: tensors that quantized layers read; attention matmul and GELU inputs stay at `abits`
+        self.agroups = [list(aq.consumers) for aq in qmodel.act_quantizers()
+                        if set(aq.consumers) <= set(self.layers) and not set(aq.consumers) & set(self.last)]
         self.infos: list[LayerInfo] = layer_infos(qmodel, example)
+        self.matmuls = [dataclasses.replace(m, abits=(self.abits, self.abits)) for m in matmul_infos(qmodel, example)]
 
     @property
     def length(self) -> int:
@@ -124,7 +128,8 @@ class SearchSpace:
         return {f"W{w}A{a or self.abits}": self.uniform(w, a) for w in self.wchoices for a in (self.achoices or (None,))}
 
     def cost(self, genome: Genome) -> dict:
-        c = policy_cost(self.infos, self.policy(genome).layers)
+        c = policy_cost(self.infos, self.policy(genome).layers, self.matmuls)
+        c.pop("matmuls", None)
         c.pop("layers")
         return c
 
