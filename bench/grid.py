@@ -8,7 +8,7 @@ table is rebuilt from all finished reports: `<out>/results.json` and `<out>/resu
 
 Variants: `--variant NAME=METHOD[:key=value,...]` (repeatable) runs METHOD with options under NAME, e.g.
 `--variant paper=metaaug:inner_optimizer=adam_fresh,balance=none`
-(`holdout`, `fold_bn`, `calib_source`, `synth` and `mixed_synth` set the run, not the method). `--jobs N` runs N runs
+(`holdout`, `fold_bn`, `calib_source`, `synth`, `mixed_synth` and `softmax_grid` set the run, not the method). `--jobs N` runs N runs
 at once in worker processes (each with `OMP_NUM_THREADS` threads; on a GPU they share it); `--ray` runs the grid on a
 ray cluster.
 """
@@ -33,7 +33,7 @@ import metaaug  # noqa: F401  (first: it sets OpenMP's wait policy before torch 
 from metaaug.pipeline import RunConfig, run_job
 from tables import mean_std, strip_run, write_results
 
-RUN_KEYS = ("holdout", "fold_bn", "calib_source", "synth", "mixed_synth")  # variant options that set the run
+RUN_KEYS = ("holdout", "fold_bn", "calib_source", "synth", "mixed_synth", "softmax_grid", "ln_reparam")  # variant options that set the run
 SET_HELP = "method options key=value,... (e.g. lr_weight_scale=0: the paper's QDrop)"
 
 

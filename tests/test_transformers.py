@@ -224,3 +224,53 @@ def test_quant_matmul_is_a_module_with_two_quantizers():
     qm = prepare(MHANet().eval(), QuantSpec(4, 4))
     mm = next(qm.matmuls())
     assert isinstance(mm, QuantMatmul) and mm.qa.consumers == [mm.path] == mm.qb.consumers
+
+
+@pytest.fixture
+def small_vit_files(tmp_path):
+    """`--model file.py:factory` and `--weights` for the small ViT."""
+    factory = tmp_path / "vit_model.py"
+    factory.write_text(f"import sys\nsys.path.insert(0, {str(_tests_dir())!r})\nfrom transformer_models import small_vit\n")
+    torch.manual_seed(0)
+    save_file(small_vit().state_dict(), str(tmp_path / "vit.safetensors"))
+    return f"{factory}:small_vit", str(tmp_path / "vit.safetensors")
+
+
+def test_fdda_on_a_model_without_batchnorm_is_one_line(small_vit_files, tmp_path, tiny_data_dir):
+    from metaaug.cli.app import app
+
+    model, weights = small_vit_files
+    res = runner.invoke(app, ["synth", "--model", model, "--weights", weights, "--out", str(tmp_path / "s"), "--steps", "1",
+                              "--per-class", "1", "--data-dir", str(tiny_data_dir)])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "Traceback" not in res.output and text.count("error:") == 1, res.output
+    assert "has no BatchNorm layers: FDDA needs" in text
+    assert not (tmp_path / "s").exists()
+
+
+def test_layernorm_reparam_is_exact_in_fp_and_evens_the_channels():
+    torch.manual_seed(0)
+    net, x = small_vit().eval(), images(64)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight[:3] *= 30.0  # a few outlier channels, as trained ViTs have
+    ref = net(x)
+
+    def spread(qm):
+        """max/min of the per-channel ranges of the tensor the first qkv layer reads."""
+        seen = {}
+        layer = next(q for q in qm.quant_layers() if q.path.endswith("attn.qkv"))
+        h = layer.register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0]))
+        with torch.no_grad():
+            out = qm(x)
+        h.remove()
+        r = seen["x"].abs().flatten(0, -2).amax(0)
+        return out, float(r.max() / r.min())
+
+    plain, plain_spread = spread(prepare(net, QuantSpec(4, 8)))
+    evened, evened_spread = spread(prepare(net, QuantSpec(4, 8, ln_reparam=True), example=x))
+    assert torch.allclose(plain, ref, atol=1e-5) and torch.allclose(evened, ref, atol=1e-4)  # the same function in FP
+    assert evened_spread < 0.6 * plain_spread  # alpha = 0.5: the square root of the spread is left, at most
+    with pytest.raises(Exception, match="ln_reparam measures LayerNorm outputs"):
+        prepare(net, QuantSpec(4, 8, ln_reparam=True))

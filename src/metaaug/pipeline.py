@@ -48,6 +48,8 @@ class RunConfig:
     synth: str | None = None
     mixed_synth: int | None = None
     policy: dict[str, Any] | None = None  # per-layer bits, as in policy.json (overrides wbits/abits)
+    softmax_grid: str = "uniform"  # grid of the quantizer on attention's softmax output (QuantSpec.softmax_grid)
+    ln_reparam: bool = False  # LayerNorm channel reparameterisation (QuantSpec.ln_reparam)
 
     def __post_init__(self) -> None:
         from metaaug.config_check import SEED, check_config, coerce_options
@@ -67,7 +69,8 @@ class RunConfig:
 
     def spec(self) -> QuantSpec:
         return QuantSpec(self.wbits, self.abits, fold_bn=self.fold_bn,
-                         policy=None if self.policy is None else Policy.from_dict(self.policy))
+                         policy=None if self.policy is None else Policy.from_dict(self.policy), softmax_grid=self.softmax_grid,
+                         ln_reparam=self.ln_reparam)
 
     def method_cfg(self):
         """The method's config with `options`, and `iters` where the method has iterations."""
@@ -82,8 +85,9 @@ class RunConfig:
         return {**dataclasses.asdict(self), "method_config": config_dict(self.method_cfg())}
 
     def identity_defaults(self) -> dict[str, Any]:
-        """The method config's defaults: a run folder stored before a method field existed still resumes."""
-        return {"method_config": config_dict(type(self.method_cfg())())}
+        """Defaults of fields added since (the method config's, `softmax_grid`, `ln_reparam`): a run folder stored
+        before a field existed still resumes."""
+        return {"method_config": config_dict(type(self.method_cfg())()), "softmax_grid": "uniform", "ln_reparam": False}
 
     def store(self, out: str | Path, restart: bool = False) -> RunStore:
         """The run folder for this config (refuses one that holds another kind of run or another config)."""
@@ -146,7 +150,8 @@ def run_job(cfg: RunConfig, out: str | Path, device: str = "auto", progress: Pro
     result = run_method(qmodel, mcfg, ctx)
     qmodel, stats = result.model, result.stats
     report: dict[str, Any] = {
-        "model": cfg.model, "method": cfg.method, "wbits": cfg.wbits, "abits": cfg.abits,
+        "model": cfg.model, "method": cfg.method, "wbits": cfg.wbits, "abits": cfg.abits, "softmax_grid": cfg.softmax_grid,
+        "ln_reparam": cfg.ln_reparam,
         "calib_size": cfg.calib_size if cfg.calib_size is not None else len(calib) + (0 if holdout is None else len(holdout)),
         "iters": getattr(mcfg, "iters", None), "seed": cfg.seed, "method_config": config_dict(mcfg),
         "calib_source": cfg.calib_source, "synth": cfg.synth, "mixed_synth": cfg.mixed_synth,

@@ -42,6 +42,8 @@ def quantize(
     synth: Annotated[str | None, typer.Option(help="folder written by `metaaug synth` (for --calib-source synthetic|mixed)")] = None,
     mixed_synth: Annotated[int | None, typer.Option(help="--calib-source mixed: synthetic images to add (stratified; default all)")] = None,
     policy: Annotated[Path | None, typer.Option(help="policy.json with per-layer bits (mixed precision); replaces --wbits/--abits")] = None,
+    softmax_grid: Annotated[str, typer.Option(help="grid of the quantizer on attention's softmax output: uniform | log2")] = "uniform",
+    ln_reparam: Annotated[bool, typer.Option("--ln-reparam", help="move LayerNorm's per-channel ranges into the next Linear (RepQ-ViT)")] = False,
     restart: Annotated[bool, typer.Option("--restart", help="start the run folder over (its progress and results are deleted)")] = False,
 ) -> None:
     """Quantize a model and write report.json + quantized.safetensors to the run folder (resumes if interrupted)."""
@@ -56,7 +58,7 @@ def quantize(
                     iters=iters, seed=seed, data_dir=data_dir, fold_bn=not no_fold_bn,
                     holdout=holdout, calib_source=calib_source, synth=synth, mixed_synth=mixed_synth,
                     units=units.split(",") if units else None, options=options,
-                    policy=None if policy is None else Policy.load(policy).to_dict())
+                    policy=None if policy is None else Policy.load(policy).to_dict(), softmax_grid=softmax_grid, ln_reparam=ln_reparam)
     cfg.spec()
     cfg.method_cfg()
     bits = "policy" if policy is not None else f"w{wbits}a{abits}"

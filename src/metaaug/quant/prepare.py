@@ -23,6 +23,7 @@ from metaaug.quant.graph_ops import insert_matmul_quantizers, localize_constants
 from metaaug.quant.layers import SUPPORTED, QuantLayer, QuantMatmul
 from metaaug.quant.policy import Policy
 from metaaug.quant.quantizers import ActQuantizer, check_bits
+from metaaug.quant.reparam import reparam_layernorms
 from metaaug.quant.units import UnitFinder, UnitPlan, check_unit_names, warn_fallback
 
 ALLOWED_PARAM_FREE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh,
@@ -49,6 +50,7 @@ class QuantSpec:
     fold_bn: bool = True
     policy: Policy | None = None
     softmax_grid: str = "uniform"  # grid of the quantizer on a softmax output: "uniform" or "log2" (FQ-ViT, RepQ-ViT)
+    ln_reparam: bool = False  # move LayerNorm's per-channel output ranges into the next Linear layers (RepQ-ViT)
 
     def __post_init__(self) -> None:
         check_bits(self.wbits, "weight bit-width (wbits)")
@@ -202,6 +204,11 @@ def prepare(model: nn.Module, spec: QuantSpec, units: str | Sequence[str] = "blo
     _check_layers(gm)
     if spec.fold_bn:
         fold_batchnorm(gm)
+    if spec.ln_reparam:
+        calib = example() if callable(example) else example
+        if calib is None:
+            raise ConfigError("ln_reparam measures LayerNorm outputs: pass calibration images (example=...) to prepare()")
+        reparam_layernorms(gm, calib)
     modules = dict(gm.named_modules())
 
     # wrap layers
