@@ -67,7 +67,7 @@ def jobs(a: argparse.Namespace) -> list[tuple[str, RunConfig]]:
                         opts = dict(options)
                         run = {"holdout": a.holdout, **{k: opts.pop(k) for k in RUN_KEYS if k in opts}}
                         cfg = RunConfig(model=model, method=method, wbits=int(w), abits=int(act), calib_size=calib,
-                                        iters=a.iters, seed=seed, options=opts, **run)
+                                        iters=a.iters, seed=seed, options=opts, data_dir=a.data_dir, **run)
                         out.append((f"{model}-{name}-w{w}a{act}-n{calib}-s{seed}", cfg))
     return out
 
@@ -143,6 +143,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--holdout", type=float, default=0.0)
+    p.add_argument("--data-dir", default=None, help="data folder (default Fashion-MNIST; bench/subset_data.py makes a smaller test split)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (worker processes)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--ray", action="store_true", help="run the grid as ray tasks (pip install 'metaaug[ray]')")

@@ -17,9 +17,13 @@ import torch
 from torch import nn
 
 from metaaug.errors import ConfigError
+from metaaug.quant.grids import act_bounds, act_fake_quant, act_span, rtn_fake_quant, signed_for
 from metaaug.quant.layers import QuantLayer
+from metaaug.quant.lp import act_step, weight_qparams
+from metaaug.quant.observe import observing
 from metaaug.quant.prepare import QuantModel, QuantSpec, prepare
-from metaaug.quant.quantizers import ActQuantizer, WeightQuantizer, check_bits, lp_search_channel, lp_search_tensor, lsq_fake_quant, nearest_index
+from metaaug.quant.quantizers import ActQuantizer, WeightQuantizer, check_bits
+from metaaug.quant.steps import SwitchableSteps, interpolate
 
 Width = tuple[int, int]  # (weight bits, activation bits)
 
@@ -28,29 +32,11 @@ def width_name(width: Width | None) -> str:
     return "fp" if width is None else f"w{width[0]}a{width[1]}"
 
 
-def _act_bounds(bits: int, signed: bool) -> tuple[int, int]:
-    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+class WeightBank(SwitchableSteps, nn.Module):
+    """Per-output-channel asymmetric round-to-nearest weight quantizer for several widths.
 
-
-def _interpolate(bits: int, known: list[int], value) -> torch.Tensor:
-    """Linear interpolation in bits between the trained neighbours of an unseen width (the nearest one outside)."""
-    lower = [b for b in known if b < bits]
-    upper = [b for b in known if b > bits]
-    if not lower or not upper:
-        return value(max(lower) if lower else min(upper))
-    lo, hi = max(lower), min(upper)
-    t = (bits - lo) / (hi - lo)
-    return (1 - t) * value(lo) + t * value(hi)
-
-
-class WeightBank(nn.Module):
-    """Per-output-channel asymmetric weight quantizer for several widths.
-
-    Per width (default): a learned step for each trained width, zero points fixed at their Lp-optimal start.
-    Shared: one learned clipping range per channel; each width's step is range / (2^b - 1), so every width
-    trains the same parameter. An unseen width interpolates the trained clipping ranges. Steps and ranges are
-    learned as logarithms: an Adam step is then a relative change, the same for an 8-bit step of 1e-4 and a 2-bit
-    step of 0.1 (learned directly, Adam's absolute steps drove 8-bit steps negative at a learning rate of 5e-3).
+    Steps per width or one shared clipping range (`SwitchableSteps`); zero points fixed at their Lp-optimal start
+    (per width `zp<b>`, shared: the range's low end as a fraction, `low`).
     """
 
     def __init__(self, w: torch.Tensor, widths: Iterable[int], shared: bool) -> None:
@@ -58,33 +44,31 @@ class WeightBank(nn.Module):
         self.widths = sorted(set(widths))
         self.shared = shared
         self.bits: int | None = None  # the width in use (set by QATModel.set_width)
-        shape = (w.shape[0],) + (1,) * (w.dim() - 1)
+        searched = {b: weight_qparams(w, b) for b in self.searched_widths()}
+        self.init_steps({b: s for b, (s, _) in searched.items()})
         if shared:
-            ref = self.widths[len(self.widths) // 2]
-            s, z = lp_search_channel(w.detach(), ref)
-            self.log_range = nn.Parameter((s.reshape(shape) * (2**ref - 1)).log())
-            self.register_buffer("low", (z / (2**ref - 1)).reshape(shape))
+            ref = self.reference_width
+            self.register_buffer("low", searched[ref][1] / (2**ref - 1))
         else:
-            self.log_steps = nn.ParameterDict()
-            for b in self.widths:
-                s, z = lp_search_channel(w.detach(), b)
-                self.log_steps[str(b)] = nn.Parameter(s.reshape(shape).log())
-                self.register_buffer(f"zp{b}", z.reshape(shape))
+            for b, (_, z) in searched.items():
+                self.register_buffer(f"zp{b}", z)
+
+    def span(self, bits: int) -> int:
+        return 2**bits - 1
 
     def qparams(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero point) at `bits`; differentiable in the learned parameters."""
-        levels = 2**bits - 1
+        scale = self.step(bits)
         if self.shared:
-            return self.log_range.exp() / levels, (self.low * levels).round()
+            return scale, (self.low * self.span(bits)).round()
         if bits in self.widths:
-            return self.log_steps[str(bits)].exp(), getattr(self, f"zp{bits}")
-        rng = _interpolate(bits, self.widths, lambda b: self.log_steps[str(b)].exp() * (2**b - 1))
-        low = _interpolate(bits, self.widths, lambda b: getattr(self, f"zp{b}") / (2**b - 1))
-        return rng / levels, (low * levels).round()
+            return scale, getattr(self, f"zp{bits}")
+        low = interpolate(bits, self.widths, lambda b: getattr(self, f"zp{b}") / self.span(b))
+        return scale, (low * self.span(bits)).round()
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         scale, zp = self.qparams(self.bits)
-        return nearest_index(w, scale, zp, 2**self.bits - 1) * scale
+        return rtn_fake_quant(w, scale, zp, self.bits)
 
     def fixed(self, bits: int) -> WeightQuantizer:
         """The post-training quantizer of this layer at `bits` (round-to-nearest), on the bank's device."""
@@ -95,51 +79,47 @@ class WeightBank(nn.Module):
         return wq
 
 
-class ActBank(nn.Module):
-    """Per-tensor LSQ activation quantizer for several widths (unsigned when the tensor is non-negative); steps or the
-    shared range learned as logarithms, as in `WeightBank`."""
+class ActBank(SwitchableSteps, nn.Module):
+    """Per-tensor LSQ activation quantizer for several widths on the grid of the quantizer it replaces (uniform:
+    unsigned when the tensor is non-negative; or log2); steps per width or one shared range (`SwitchableSteps`)."""
 
-    def __init__(self, x: torch.Tensor, widths: Iterable[int], shared: bool, consumers: list[str], edge: bool) -> None:
+    def __init__(self, x: torch.Tensor, widths: Iterable[int], shared: bool, consumers: list[str], edge: bool,
+                 grid: str = "uniform") -> None:
         super().__init__()
         self.widths = sorted(set(widths))
         self.shared = shared
+        self.grid = grid
         self.consumers, self.edge = consumers, edge  # readers of the tensor; edge: the last layer's input
         self.bits: int | None = None  # None: pass through (FP)
-        self.register_buffer("signed", torch.tensor(bool(x.min() < 0)))
-        if shared:
-            ref = self.widths[len(self.widths) // 2]
-            lo, hi = self.bounds(ref)
-            self.log_range = nn.Parameter((lp_search_tensor(x, lo, hi) * hi).log())
-        else:
-            self.log_steps = nn.ParameterDict({str(b): nn.Parameter(lp_search_tensor(x, *self.bounds(b)).log())
-                                               for b in self.widths})
+        self.register_buffer("signed", torch.tensor(signed_for(x)))
+        self.init_steps({b: act_step(x, b, bool(self.signed), grid) for b in self.searched_widths()})
 
     def bounds(self, bits: int) -> tuple[int, int]:
-        return _act_bounds(bits, bool(self.signed))
+        return act_bounds(bits, bool(self.signed))
+
+    def span(self, bits: int) -> int:
+        return act_span(bits, bool(self.signed), self.grid)
 
     def scale(self, bits: int) -> torch.Tensor:
-        hi = self.bounds(bits)[1]
-        if self.shared:
-            return self.log_range.exp() / hi
-        if bits in self.widths:
-            return self.log_steps[str(bits)].exp()
-        return _interpolate(bits, self.widths, lambda b: self.log_steps[str(b)].exp() * self.bounds(b)[1]) / hi
+        return self.step(bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits is None:
             return x
-        lo, hi = self.bounds(self.bits)
-        return lsq_fake_quant(x, self.scale(self.bits), lo, hi)
+        return act_fake_quant(x, self.scale(self.bits), self.bits, bool(self.signed), self.grid)
 
     def fixed(self, bits: int) -> ActQuantizer:
-        """The post-training quantizer of this tensor at `bits`, on the bank's device."""
+        """The post-training quantizer of this tensor at `bits` (same grid), on the bank's device."""
         scale = self.scale(bits).detach()
-        aq = ActQuantizer(bits).to(scale.device)
+        aq = ActQuantizer(bits, grid=self.grid).to(scale.device)
         aq.signed.fill_(bool(self.signed))
         aq.scale.data = scale.clone().reshape(1)
         aq.initialized.fill_(True)
         aq.consumers = list(self.consumers)
         return aq
+
+    def extra_repr(self) -> str:
+        return f"widths={self.widths}, shared={self.shared}, signed={bool(self.signed)}, grid={self.grid}"
 
 
 def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -170,16 +150,11 @@ class QATModel(nn.Module):
         self.edge_bits = edge_bits
         self.qnet = prepare(net, QuantSpec(wbits[0], abits[0], edge_bits, fold_bn=False), "layer", calib)
         last = {ql.path for ql in self.qnet.quant_layers() if ql.edge == "last"}
-        for aq in self.qnet.act_quantizers():
-            aq.observing = True
-        with torch.no_grad():
+        with torch.no_grad(), observing(self.qnet.act_quantizers(), init=False) as observed:
             self.qnet(calib)
-        observed = {}
-        for name, aq in self.qnet.named_modules():
-            if isinstance(aq, ActQuantizer):
-                observed[name] = torch.cat(aq._observed)
-        _replace(self.qnet, ActQuantizer, lambda name, aq: ActBank(
-            observed[name], [edge_bits] if set(aq.consumers) & last else abits, shared, aq.consumers, bool(set(aq.consumers) & last)))
+        _replace(self.qnet, ActQuantizer, lambda _, aq: ActBank(
+            observed[aq], [edge_bits] if set(aq.consumers) & last else abits, shared, aq.consumers, bool(set(aq.consumers) & last),
+            aq.grid))
         for ql in self.qnet.quant_layers():
             ql.layer.weight.requires_grad_(True)
             if ql.layer.bias is not None:

@@ -87,11 +87,12 @@ def uniform_levels(xs: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, to
 
 
 def log2_levels(xs: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(`2^-q` with `q = clamp(round(-log2(x/s)), lo, hi)`, 0 where `round(-log2(x/s)) > hi`; whether `x/s` lies
-    inside the range, i.e. neither clipped to the top level `s` nor quantized to 0) for `xs = x/s`."""
+    """(`2^-q` with `q = clamp(round(-log2(x/s)), lo, hi - 1)`, 0 where `round(-log2(x/s)) >= hi`; whether `x/s` lies
+    inside the range, i.e. neither clipped to the top level `s` nor quantized to 0) for `xs = x/s`. The top code `hi`
+    means zero, so b bits hold 2^b - 1 powers of two and zero (FQ-ViT's log2 quantizer)."""
     r = torch.where(xs > 0, -torch.log2(xs), math.inf).round()
-    zero = r > hi
-    level = torch.where(zero, 0.0, torch.exp2(-r.clamp(lo, hi)))
+    zero = r >= hi
+    level = torch.where(zero, 0.0, torch.exp2(-r.clamp(lo, hi - 1)))
     return level, (r >= lo) & ~zero
 
 

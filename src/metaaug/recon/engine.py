@@ -18,8 +18,9 @@ from torch import nn
 from metaaug.data.augment import augment
 from metaaug.environment import loop_threads, threads
 from metaaug.progress import NullProgress, Progress, UnitStats
+from metaaug.quant.grids import qdrop_mix
+from metaaug.quant.observe import observing
 from metaaug.quant.prepare import QuantModel
-from metaaug.quant.quantizers import qdrop_mix
 from metaaug.recon.config import ReconConfig
 from metaaug.recon.loss import beta_at, output_error, rounding_penalty
 from metaaug.recon.stepper import GraphStepper, map_chunks
@@ -206,12 +207,10 @@ class Reconstructor:
         for layer in layers:
             layer.quantize_weight = True
         acts = list(qm.act_quantizers(unit))
-        for aq in acts:
-            aq.observing = True
         sample = tuple(a[:OBSERVE_IMAGES] if isinstance(a, torch.Tensor) else a for a in data.q_in)
-        map_chunks(unit, sample, 128, self.device, self.device)
+        with observing(acts):
+            map_chunks(unit, sample, 128, self.device, self.device)
         for aq in acts:
-            aq.finish_observing()
             aq.enabled = True
         if self.cfg.learn_rounding and self.cfg.iters > 0:
             for layer in layers:

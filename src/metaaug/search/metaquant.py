@@ -24,9 +24,13 @@ from torch import nn
 from torch.func import functional_call
 
 from metaaug.config_check import Ranges, check_config
+from metaaug.quant.grids import rtn_fake_quant, signed_for
+from metaaug.quant.lp import act_step, weight_qparams
+from metaaug.quant.observe import observing
 from metaaug.quant.policy import Policy
 from metaaug.quant.prepare import QuantModel
-from metaaug.quant.quantizers import MAX_BITS, MIN_BITS, ActQuantizer, lp_search_channel, lp_search_tensor, round_ste
+from metaaug.quant.quantizers import MAX_BITS, MIN_BITS, ActQuantizer
+from metaaug.quant.steps import WidthSteps
 from metaaug.recon.stepper import map_chunks
 
 
@@ -84,46 +88,38 @@ class MetaQuantNet(nn.Module):
         self.searchable = list(searchable)
         self.gens = nn.ModuleDict({_key(p): LayerGenerator(self.layers[p].weight.numel(), cfg.embed, cfg.hidden)
                                    for p in self.searchable})
-        self.wscales = nn.ParameterDict()  # log multipliers of the Lp-searched steps: exactly 0 (the RTN step) at start
-        self.wsteps: dict[str, torch.Tensor] = {}
+        # per layer, log multipliers of the Lp-searched steps (`WidthSteps`, relative): exactly 0 (the RTN step) at start
+        self.wscales = nn.ModuleDict()
         self.wzeros: dict[str, torch.Tensor] = {}
         for path, ql in self.layers.items():
-            for b in sorted(set(wchoices) | {8}):
-                s, z = lp_search_channel(ql.weight.detach(), b)
-                shape = (-1,) + (1,) * (ql.weight.dim() - 1)
-                self.wsteps[f"{_key(path)}_{b}"] = s.reshape(shape).clone()
-                self.wscales[f"{_key(path)}_{b}"] = nn.Parameter(torch.zeros_like(self.wsteps[f"{_key(path)}_{b}"]))
-                self.wzeros[f"{_key(path)}_{b}"] = z.reshape(shape).clone()
+            searched = {b: weight_qparams(ql.weight, b) for b in sorted(set(wchoices) | {8})}
+            self.wscales[_key(path)] = WidthSteps({b: s for b, (s, _) in searched.items()}, relative=True)
+            for b, (_, z) in searched.items():
+                self.wzeros[f"{_key(path)}_{b}"] = z.clone()
         self.aqs = {name: aq for name, aq in qmodel.named_modules() if isinstance(aq, ActQuantizer) and aq.consumers}
-        self.ascales = nn.ParameterDict()
+        self.ascales = nn.ModuleDict()  # per quantizer, learned log steps (`WidthSteps`) on the quantizer's grid
         self._init_act_steps(calib, sorted(set(achoices) | {8}))
+        self.register_load_state_dict_pre_hook(_flat_step_keys)
 
     @torch.no_grad()
     def _init_act_steps(self, calib: torch.Tensor, bits: list[int]) -> None:
         """Observe each quantized tensor on FP inputs once; Lp-search its step for every candidate bit-width."""
-        for aq in self.aqs.values():
-            aq.observing = True
         self.qmodel.set_quant(False, False)
         dev = next(self.qmodel.parameters()).device
-        map_chunks(self.qmodel, (calib[:256],), 128, dev, dev)
+        with observing(self.aqs.values(), init=False) as samples:
+            map_chunks(self.qmodel, (calib[:256],), 128, dev, dev)
         for name, aq in self.aqs.items():
-            sample = torch.cat(aq._observed)
-            aq._observed, aq.observing = [], False
-            aq.signed.fill_(bool(sample.min() < 0))
+            sample = samples[aq]
+            aq.signed.fill_(signed_for(sample))
             aq.initialized.fill_(True)
-            for b in bits:
-                aq.bits = b
-                lo, hi = aq.bounds
-                self.ascales[f"{_key(name)}_{b}"] = nn.Parameter(lp_search_tensor(sample, lo, hi).to(dev).log())
+            self.ascales[_key(name)] = WidthSteps({b: act_step(sample, b, bool(aq.signed), aq.grid).to(dev) for b in bits})
 
     def weight(self, path: str, bits: int) -> torch.Tensor:
         """The layer's generated weight at `bits`, fake-quantized (straight-through)."""
         w = self.layers[path].weight
         if path in self.searchable:
             w = w + w.std() * self.gens[_key(path)](bits).view_as(w)
-        key = f"{_key(path)}_{bits}"
-        s, z = self.wsteps[key].to(w.device) * self.wscales[key].exp(), self.wzeros[key].to(w.device)
-        return ((round_ste(w / s) + z).clamp(0, 2**bits - 1) - z) * s
+        return rtn_fake_quant(w, self.wscales[_key(path)].step(bits), self.wzeros[f"{_key(path)}_{bits}"].to(w.device), bits)
 
     @contextlib.contextmanager
     def _bits(self, policy: Policy) -> Iterator[dict[str, torch.Tensor]]:
@@ -136,7 +132,7 @@ class MetaQuantNet(nn.Module):
         for n, aq in self.aqs.items():
             aq.bits = policy.layers[aq.consumers[0]].abits
             aq.enabled = True
-            overrides[f"{n}.scale"] = self.ascales[f"{_key(n)}_{aq.bits}"].exp()
+            overrides[f"{n}.scale"] = self.ascales[_key(n)].step(aq.bits)
         try:
             yield overrides
         finally:
@@ -152,6 +148,16 @@ class MetaQuantNet(nn.Module):
     def fp_logits(self, x: torch.Tensor) -> torch.Tensor:
         self.qmodel.set_quant(False, False)
         return self.qmodel(x)
+
+
+def _flat_step_keys(module: nn.Module, state_dict: dict, prefix: str, *_args) -> None:
+    """Read a state saved before the step tables were `WidthSteps` per tensor: `wscales.<layer>_<bits>` (and
+    `ascales.`) became `wscales.<layer>.<bits>`."""
+    for table in ("wscales", "ascales"):
+        head = f"{prefix}{table}."
+        for key in [k for k in state_dict if k.startswith(head) and "." not in k[len(head):]]:
+            name, bits = key[len(head):].rsplit("_", 1)
+            state_dict[f"{head}{name}.{bits}"] = state_dict.pop(key)
 
 
 def distill_loss(logits: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -18,8 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from metaaug.errors import ConfigError
+from metaaug.quant.grids import rtn_fake_quant
+from metaaug.quant.lp import lp_search_channel
+from metaaug.quant.observe import observing
 from metaaug.quant.prepare import QuantModel
-from metaaug.quant.quantizers import OBSERVE_VALUES, ActQuantizer, lp_search_channel
+from metaaug.quant.quantizers import ActQuantizer
 from metaaug.search.space import Budget, Genome, SearchSpace
 
 BINS = 4000
@@ -57,8 +60,7 @@ def _rtn_delta(w: torch.Tensor, bits: int) -> torch.Tensor:
     """`Q_b(w) - w` (round-to-nearest, Lp-searched per-channel steps), shaped like `w`."""
     w2 = w.reshape(w.shape[0], -1)
     s, z = lp_search_channel(w, bits)
-    q = ((w2 / s[:, None]).round() + z[:, None]).clamp(0, 2**bits - 1)
-    return (((q - z[:, None]) * s[:, None]) - w2).reshape(w.shape)
+    return (rtn_fake_quant(w2, s[:, None], z[:, None], bits) - w2).reshape(w.shape)
 
 
 def quant_errors(qmodel: QuantModel, bits: tuple[int, ...]) -> dict[str, dict[int, float]]:
@@ -85,14 +87,13 @@ def act_losses(qmodel: QuantModel, images: torch.Tensor, bits: tuple[int, ...], 
     hooks = [aq.register_forward_pre_hook(lambda _m, args, n=n: seen.__setitem__(n, args[0])) for n, aq in aqs.items()]
     dev = next(qmodel.parameters()).device
     try:
-        with torch.no_grad():
+        with torch.no_grad(), observing(aqs.values(), init=False) as samples:
             qmodel(images[:256].to(dev))
         quant: dict[tuple[str, int], ActQuantizer] = {}
-        for n, a in seen.items():
-            sample = a.flatten()[:: max(1, a.numel() // OBSERVE_VALUES)]
+        for n, aq in aqs.items():
             for b in bits:
-                q = ActQuantizer(b).to(dev)
-                q.init_from(sample)
+                q = ActQuantizer(b, grid=aq.grid).to(dev)
+                q.init_from(samples[aq])
                 q.enabled = True
                 quant[n, b] = q
         total = dict.fromkeys(quant, 0.0)
