@@ -274,3 +274,23 @@ def test_layernorm_reparam_is_exact_in_fp_and_evens_the_channels():
     assert evened_spread < 0.6 * plain_spread  # alpha = 0.5: the square root of the spread is left, at most
     with pytest.raises(Exception, match="ln_reparam measures LayerNorm outputs"):
         prepare(net, QuantSpec(4, 8, ln_reparam=True))
+
+
+def test_mebqat_trains_a_vit_and_search_searches_one(small_vit_files, tmp_path, tiny_data_dir):
+    """`metaaug qat` (MEBQAT) and `metaaug search` run on a ViT through the CLI; attention matmuls keep their
+    quantizers in every width and their BOPs count in the search's cost."""
+    from metaaug.cli.app import app
+
+    model, weights = small_vit_files
+    res = runner.invoke(app, ["qat", "--model", model, "--weights", weights, "--steps", "2", "--batch", "8", "--bits", "4,8",
+                              "--data-dir", str(tiny_data_dir), "--out", str(tmp_path / "qat")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["eval", "--run", str(tmp_path / "qat"), "--bits", "4", "--data-dir", str(tiny_data_dir)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["search", "--model", model, "--weights", weights, "--avg-wbits", "3", "--wbits-choices", "2,4",
+                              "--meta-steps", "2", "--generations", "1", "--population", "4", "--calib-size", "32",
+                              "--data-dir", str(tiny_data_dir), "--out", str(tmp_path / "search")])
+    assert res.exit_code == 0, res.output
+    policy = json.loads((tmp_path / "search" / "policy.json").read_text())
+    assert "blocks.0.attn.qkv" in json.dumps(policy) and "qk_matmul" not in json.dumps(policy)  # matmuls are not genes
+    assert (tmp_path / "search" / "search.json").is_file()

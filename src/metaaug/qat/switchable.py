@@ -234,7 +234,8 @@ class QATModel(nn.Module):
         layers = {ql.path: ql for ql in qmodel.quant_layers()}
         for aq in qmodel.act_quantizers():
             for path in aq.consumers:
-                layers[path].abits = aq.bits
+                if path in layers:  # not the matmul or GELU readers of attention blocks
+                    layers[path].abits = aq.bits
         for p in qmodel.parameters():
             p.requires_grad_(False)
         qmodel.set_quant(True, True)

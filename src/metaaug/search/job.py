@@ -175,7 +175,7 @@ def _rebuild_and_score(recipe: tuple, genomes: list[Genome]) -> list[dict]:
     (FX graph modules do not pickle, so the recipe ships the FP model and the state instead of the network.)"""
     model, wchoices, achoices, searchable, mcfg, state, space, images, labels, fp, fitness = recipe
     qmodel = prepare(model, QuantSpec(8, 8), "layer", images)
-    net = MetaQuantNet(qmodel, images[:8], wchoices, achoices, searchable, mcfg)
+    net = MetaQuantNet(qmodel, images[:8], wchoices, achoices, searchable, mcfg, space.abits)
     net.load_state_dict(state)
     return score(net.eval(), space, images, labels, fp, genomes, fitness)
 
@@ -258,7 +258,8 @@ def run_search(cfg: SearchConfig, out: str | Path, device: str = "auto", progres
     space.check_budget(budget)
     run = RunFolder.claim(out, "search", identity, restart=restart)
     torch.manual_seed(cfg.seed)
-    net = MetaQuantNet(qmodel, calib.images, space.wchoices, space.achoices or (cfg.abits,), space.wgenes, cfg.meta).to(dev)
+    net = MetaQuantNet(qmodel, calib.images, space.wchoices, space.achoices or (cfg.abits,), space.wgenes, cfg.meta,
+                       space.abits).to(dev)
     curve: list[dict] = []
     meta_seconds, earlier, reused = 0.0, 0.0, False  # training time; of it, earlier attempts'; net trained elsewhere
     if cfg.proxy == "metaquant":

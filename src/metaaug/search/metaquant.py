@@ -76,12 +76,15 @@ class MetaQuantNet(nn.Module):
     """Generated, quantized weights and learned activation steps for any policy over a prepared model."""
 
     def __init__(self, qmodel: QuantModel, calib: torch.Tensor, wchoices: tuple[int, ...], achoices: tuple[int, ...],
-                 searchable: list[str], cfg: MetaQuantConfig) -> None:
+                 searchable: list[str], cfg: MetaQuantConfig, fixed_abits: int | None = None) -> None:
+        """`fixed_abits`: the bits of quantizers no layer reads (attention matmul and GELU inputs), which no policy
+        sets; default the highest activation choice."""
         super().__init__()
         self.qmodel = qmodel.eval()
         for p in qmodel.parameters():
             p.requires_grad_(False)
         self.cfg, self.wchoices, self.achoices = cfg, tuple(wchoices), tuple(achoices)
+        self.fixed_abits = fixed_abits if fixed_abits is not None else max(self.achoices)
         self.layers = {ql.path: ql for ql in qmodel.quant_layers()}
         names = {id(m): n for n, m in qmodel.named_modules()}
         self.weight_keys = {path: f"{names[id(ql)]}.layer.weight" for path, ql in self.layers.items()}  # for functional_call
@@ -98,7 +101,7 @@ class MetaQuantNet(nn.Module):
                 self.wzeros[f"{_key(path)}_{b}"] = z.clone()
         self.aqs = {name: aq for name, aq in qmodel.named_modules() if isinstance(aq, ActQuantizer) and aq.consumers}
         self.ascales = nn.ModuleDict()  # per quantizer, learned log steps (`WidthSteps`) on the quantizer's grid
-        self._init_act_steps(calib, sorted(set(achoices) | {8}))
+        self._init_act_steps(calib, sorted(set(achoices) | {8, self.fixed_abits}))
         self.register_load_state_dict_pre_hook(_flat_step_keys)
 
     @torch.no_grad()
@@ -130,7 +133,8 @@ class MetaQuantNet(nn.Module):
             ql.quantize_weight = False
         saved = {n: aq.bits for n, aq in self.aqs.items()}
         for n, aq in self.aqs.items():
-            aq.bits = policy.layers[aq.consumers[0]].abits
+            reader = aq.consumers[0]
+            aq.bits = policy.layers[reader].abits if reader in self.layers else self.fixed_abits
             aq.enabled = True
             overrides[f"{n}.scale"] = self.ascales[_key(n)].step(aq.bits)
         try:
