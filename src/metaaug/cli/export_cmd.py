@@ -28,21 +28,25 @@ def export(
     tol_top1: Annotated[float, typer.Option(help="onnx: max |onnx top-1 - torch top-1| in points")] = 0.1,
     min_agreement: Annotated[float, typer.Option(help="onnx: min % of predictions onnxruntime and PyTorch agree on")] = 99.5,
     bits: Annotated[str | None, typer.Option(help="QAT runs: the width to export, e.g. 4 (W=A) or 2,4")] = None,
+    act_container: Annotated[str, typer.Option(help="onnx: QDQ container of <= 4-bit activations: auto (4-bit where onnxruntime "
+                                                    "accepts it, 8-bit before MaxPool and the like; exact either way) | int4 | int8")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="--out may overwrite a file `metaaug export` did not write")] = False,
 ) -> None:
     """Export a quantized run; results (onnx_top1, torch_top1, max_abs_logit_diff, sizes) go to <run>/export.json."""
     from metaaug.export.jobs import check_export_out, export_onnx_run, export_packed_run
+    from metaaug.export.onnx_export import check_act_container
     from metaaug.runs.opened import open_run
 
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be positive, got {limit}")
+    check_act_container(act_container)
     width = open_run(run, "export").check_bits(bits)  # before anything is loaded
     out = out or run / (FORMATS[format] if width is None else f"w{width[0]}a{width[1]}." + FORMATS[format])
     check_export_out(run, out, format, force)
     if format == "onnx":
-        r = export_onnx_run(run, out, data_dir, limit, tol_top1, min_agreement, bits=bits)
+        r = export_onnx_run(run, out, data_dir, limit, tol_top1, min_agreement, act_container, bits=bits)
         out_console.print(f"wrote {out} ({_kib(r['onnx_bytes'])}); onnxruntime top-1 {r['onnx_top1']:.2f} vs PyTorch "
                           f"{r['torch_top1']:.2f} on {r['onnx_images']} images, {r['onnx_agreement']:.2f}% agreement, "
                           f"max |logit diff| {r['max_abs_logit_diff']:.3g}: check passed", highlight=False)

@@ -96,29 +96,31 @@ def _width(bits: str | None) -> str | None:
 
 
 def export_onnx_run(run_dir: str | Path, out: str | Path, data_dir: str | None = None, limit: int | None = None,
-                    tol_top1: float = 0.1, min_agreement: float = 99.5, act_int4: bool = True,
+                    tol_top1: float = 0.1, min_agreement: float = 99.5, act_container: str = "auto",
                     bits: str | None = None) -> dict[str, Any]:
     """Write the QDQ ONNX model, run it in onnxruntime on the test set and compare with PyTorch.
 
+    `act_container`: "auto" (4-bit activation pairs where onnxruntime takes them), "int4" or "int8".
     Raises ModelError (after recording the numbers) when top-1 differs by more than `tol_top1` points or fewer
     than `min_agreement` % of the predictions agree.
     """
-    from metaaug.export.onnx_export import export_onnx, onnx_logits, require_onnx
+    from metaaug.export.onnx_export import check_act_container, export_onnx, onnx_logits, require_onnx
 
     require_onnx()
+    check_act_container(act_container)
     qmodel, meta = load_for_export(run_dir, bits)
     test = _test_set(meta["data_dir"], data_dir, limit)
     check_model_fits_data(qmodel, data_dir or meta["data_dir"], test=test)
     with files.atomic_path(out) as tmp:  # published only once the check passes: a failed export leaves no file
         start = time.perf_counter()
-        export_onnx(qmodel, tmp, test.images[:1], act_int4=act_int4)
+        export_onnx(qmodel, tmp, test.images[:1], act_container=act_container)
         export_s = time.perf_counter() - start
         ref = logits_of(qmodel, test.images)
         try:
             got = onnx_logits(tmp, test.images, threads=torch.get_num_threads())
         except Exception as err:  # onnxruntime refuses the graph (e.g. an operator type it does not implement)
             raise ModelError(f"onnxruntime cannot run the exported graph, nothing written: {str(err).splitlines()[0][:300]}") from None
-        results, ok = _onnx_results(out, tmp, test, ref, got, act_int4, export_s, tol_top1, min_agreement)
+        results, ok = _onnx_results(out, tmp, test, ref, got, act_container, export_s, tol_top1, min_agreement)
         record(run_dir, results, _width(bits))
         if not ok:
             raise ModelError(f"onnxruntime disagrees with the PyTorch fake-quant model, nothing written: top-1 "
@@ -128,19 +130,24 @@ def export_onnx_run(run_dir: str | Path, out: str | Path, data_dir: str | None =
     return results
 
 
-def _onnx_results(out: str | Path, tmp: Path, test: ImageDataset, ref: torch.Tensor, got: torch.Tensor, act_int4: bool,
-                  export_s: float, tol_top1: float, min_agreement: float) -> tuple[dict[str, Any], bool]:
-    onnx_top1, torch_top1 = accuracy(got, test.labels), accuracy(ref, test.labels)
+def onnx_agreement(ref: torch.Tensor, got: torch.Tensor, labels: torch.Tensor, tol_top1: float = 0.1,
+                   min_agreement: float = 99.5) -> tuple[dict[str, Any], bool]:
+    """The check of an ONNX export: onnxruntime's logits `got` against PyTorch's `ref` on labelled images. It passes when
+    top-1 differs by at most `tol_top1` points and at least `min_agreement` % of the predictions agree."""
+    onnx_top1, torch_top1 = accuracy(got, labels), accuracy(ref, labels)
     agreement = 100.0 * float((got.argmax(1) == ref.argmax(1)).float().mean())
-    results = {
-        "onnx_path": str(out), "onnx_bytes": tmp.stat().st_size, "onnx_images": len(test),
-        "onnx_top1": round(onnx_top1, 2), "torch_top1": round(torch_top1, 2),
-        "onnx_agreement": round(agreement, 2), "max_abs_logit_diff": round(float((got - ref).abs().max()), 6),
-        "onnx_act_int4": act_int4, "onnx_export_seconds": round(export_s, 2),
-        "onnx_tolerance": {"top1_points": tol_top1, "min_agreement": min_agreement},
-    }
     ok = abs(onnx_top1 - torch_top1) <= tol_top1 and agreement >= min_agreement
-    results["onnx_check"] = "passed" if ok else "failed"
+    return {"onnx_top1": round(onnx_top1, 2), "torch_top1": round(torch_top1, 2), "onnx_agreement": round(agreement, 2),
+            "max_abs_logit_diff": round(float((got - ref).abs().max()), 6),
+            "onnx_tolerance": {"top1_points": tol_top1, "min_agreement": min_agreement},
+            "onnx_check": "passed" if ok else "failed"}, ok
+
+
+def _onnx_results(out: str | Path, tmp: Path, test: ImageDataset, ref: torch.Tensor, got: torch.Tensor, act_container: str,
+                  export_s: float, tol_top1: float, min_agreement: float) -> tuple[dict[str, Any], bool]:
+    check, ok = onnx_agreement(ref, got, test.labels, tol_top1, min_agreement)
+    results = {"onnx_path": str(out), "onnx_bytes": tmp.stat().st_size, "onnx_images": len(test), **check,
+               "onnx_act_container": act_container, "onnx_export_seconds": round(export_s, 2)}
     return results, ok
 
 

@@ -4,7 +4,8 @@ The file holds everything a fake-quant model needs except the FP weights: `load_
 architecture with random weights, `prepare()`s it with the stored QuantSpec/units and fills the quantizers, so
 the rebuilt model computes exactly what the run's model computes. Per-layer tensors are concatenated into a few
 flat tensors (offsets follow from the stored shapes) because a safetensors header entry per small tensor would
-cost more than the 2-bit weights of a small network.
+cost more than the 2-bit weights of a small network. A model that only torch.export can capture (a Hugging Face
+model) is captured again on load from a zero batch of the stored `input_shape`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from metaaug.errors import ConfigError, ModelError
+from metaaug.quant.grids import ACT_GRIDS
 from metaaug.quant.prepare import QuantModel, QuantSpec, prepare
 from metaaug.runs.files import atomic_path
 
@@ -102,7 +104,7 @@ def save_packed(qmodel: QuantModel, path: str | Path, meta: dict[str, Any]) -> d
     act_meta = []
     for aq in acts:
         covered.update(names[id(aq)] + k for k in _ACT_KEYS)
-        act_meta.append([names[id(aq)][:-1], aq.bits])
+        act_meta.append([names[id(aq)][:-1], aq.bits, _grid(aq)])
     tensors: dict[str, torch.Tensor] = {
         "weights": torch.cat(packed),
         "weight_scales": torch.cat(scales),
@@ -126,6 +128,8 @@ def save_packed(qmodel: QuantModel, path: str | Path, meta: dict[str, Any]) -> d
         "acts": json.dumps(act_meta, separators=(",", ":")),
         "extra": json.dumps(meta.get("extra", {}), separators=(",", ":")),
     }
+    if qmodel.input_shape is not None:
+        header["input_shape"] = json.dumps(list(qmodel.input_shape))
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
@@ -151,7 +155,12 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     meta: dict[str, Any] = {"format": raw["format"], "model": raw["model"], "method": raw["method"]}
     for key in ("spec", "units", "fold_bn", "bits", "layers", "acts", "extra"):
         meta[key] = json.loads(raw[key])
+    meta["input_shape"] = json.loads(raw["input_shape"]) if "input_shape" in raw else None  # absent before ViT support
     return meta
+
+
+def _grid(aq: torch.nn.Module) -> str:
+    return getattr(aq, "grid", "uniform")
 
 
 def _build_model(name: str) -> torch.nn.Module:
@@ -180,7 +189,8 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> Quan
     """
     meta = read_metadata(path)
     spec = QuantSpec(**meta["spec"])
-    qmodel = prepare(_build_model(meta["model"]), spec, meta["units"])
+    shape = meta["input_shape"]
+    qmodel = prepare(_build_model(meta["model"]), spec, meta["units"], example=torch.zeros(2, *shape) if shape else None)
     tensors = load_file(str(path))
     names = _layer_prefixes(qmodel)
     layers, acts = list(qmodel.quant_layers()), list(qmodel.act_quantizers())
@@ -209,9 +219,13 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> Quan
         if has_bias:
             state[prefix + "layer.bias"] = _take(tensors["biases"], bpos, channels, name).clone()
             bpos += channels
-    for i, (aq, (name, bits)) in enumerate(zip(acts, meta["acts"], strict=True)):
+    for i, (aq, (name, bits, *grid)) in enumerate(zip(acts, meta["acts"], strict=True)):
         if aq.bits != bits:
             raise ModelError(f"{path}: activation quantizer {name} is {bits}-bit in the file but {aq.bits}-bit after prepare()")
+        if grid and grid[0] != _grid(aq):  # files before log2 grids hold [name, bits]: uniform
+            if grid[0] not in ACT_GRIDS:
+                raise ModelError(f"{path}: activation quantizer {name} has unknown grid {grid[0]!r}")
+            aq.grid = grid[0]
         flags = int(tensors["act_flags"][i])
         state[name + ".scale"] = tensors["act_scales"][i : i + 1].clone()
         state[name + ".signed"] = torch.tensor(bool(flags & 1))
