@@ -18,7 +18,7 @@ from metaaug.errors import ModelError
 from metaaug.methods.registry import method_config
 from metaaug.quant.attention import DecomposedMHA, sdpa_math
 from metaaug.quant.capture import output_logits
-from metaaug.quant.graph_ops import MATMULS, _activations, _target_in
+from metaaug.quant.graph_ops import MATMULS, _target_in, data_nodes
 from metaaug.quant.layers import QuantMatmul
 from metaaug.quant.prepare import QuantSpec, prepare
 from transformer_models import MODELS, MHANet, SDPANet, hf_convnext, hf_deit, hf_vit, small_vit
@@ -39,7 +39,7 @@ def unquantized_matmuls(qmodel) -> list[str]:
     """Matmuls between two activations left in any unit's graph (each should have become a QuantMatmul)."""
     left = []
     for unit in qmodel.units():
-        act = _activations(unit.graph)
+        act = data_nodes(unit.graph.nodes)
         for node in unit.graph.nodes:
             if _target_in(node, MATMULS) and all(isinstance(a, fx.Node) and a in act for a in node.args[:2]):
                 left.append(node.name)
@@ -294,3 +294,81 @@ def test_mebqat_trains_a_vit_and_search_searches_one(small_vit_files, tmp_path, 
     policy = json.loads((tmp_path / "search" / "policy.json").read_text())
     assert "blocks.0.attn.qkv" in json.dumps(policy) and "qk_matmul" not in json.dumps(policy)  # matmuls are not genes
     assert (tmp_path / "search" / "search.json").is_file()
+
+
+class SharedPos(nn.Module):
+    """A position embedding added in every block: one parameter read by several units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 7, 7)
+        self.pos = nn.Parameter(torch.randn(1, 16, 16) * 0.1)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16)) for _ in range(2))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        for b in self.blocks:
+            x = x + b(x + self.pos)
+        return self.head(x.mean(1))
+
+
+def test_a_parameter_read_in_several_units_saves_and_loads_once(tmp_path):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    net, x = SharedPos().eval(), images(16)
+    qm = metaaug.quantize(net, x, dataclasses.replace(method_config("qdrop"), iters=2), QuantSpec(4, 4))
+    copies = [n for n, m in qm.named_modules(remove_duplicate=False) if n.endswith("param_pos")]
+    assert len(copies) == 2  # the parameter sits in both block units
+    state = qm.state_dict()
+    assert sum(k.endswith("param_pos.value") for k in state) == 1
+    save_file(state, str(tmp_path / "q.safetensors"))  # refuses tensors that share memory
+    fresh = prepare(net, QuantSpec(4, 4))
+    with torch.no_grad():
+        for m in fresh.modules():
+            if hasattr(m, "value") and m.value is not None:
+                m.value.zero_()
+    fresh.load_state_dict(load_file(str(tmp_path / "q.safetensors")), strict=False)
+    assert all(torch.equal(m.value, net.pos) for m in fresh.modules() if type(m).__name__ == "ParamRef")
+
+
+class TorchEncoder(nn.Module):
+    """`nn.TransformerEncoder` (its eval fast path and control flow: torch.export captures it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = PatchEmbed()
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.stem(x)).mean(1))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(1, 16, 7, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def test_torch_transformer_encoder_is_captured_and_its_attention_quantized():
+    torch.manual_seed(0)
+    net, x = TorchEncoder().eval(), images(8)
+    qm = prepare(net, QuantSpec(4, 4), example=x)
+    with torch.no_grad():
+        assert torch.allclose(qm(x), net(x), atol=1e-5)
+    assert len(list(qm.matmuls())) == 4 and unquantized_matmuls(qm) == []
+
+
+def test_sdpa_masks_broadcast_as_torch_does():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8)
+    per_head = torch.randn(3, 5, 6)  # (H, L, S): broadcast over the batch, not reshaped
+    assert torch.allclose(sdpa_math(q, k, v, attn_mask=per_head), F.scaled_dot_product_attention(q, k, v, attn_mask=per_head), atol=1e-5)
+    q3, k3, v3, m3 = torch.randn(2, 5, 8), torch.randn(2, 6, 8), torch.randn(2, 6, 8), torch.randn(2, 5, 6)
+    assert torch.allclose(sdpa_math(q3, k3, v3, attn_mask=m3), F.scaled_dot_product_attention(q3, k3, v3, attn_mask=m3), atol=1e-5)

@@ -99,8 +99,9 @@ class RunConfig:
 
 
 def build_quant_model(cfg: RunConfig) -> QuantModel:
-    """The (empty) fake-quant model a run's saved state loads into."""
-    return prepare_for(build_model(cfg.model, cfg.weights), cfg.method_cfg(), cfg.spec(), cfg.units,
+    """The (empty) fake-quant model a run's saved state loads into (its state holds any reparameterised weights, so
+    LayerNorm reparameterisation is not measured again)."""
+    return prepare_for(build_model(cfg.model, cfg.weights), cfg.method_cfg(), dataclasses.replace(cfg.spec(), ln_reparam=False), cfg.units,
                        lambda: load_dataset(cfg.data_dir, "test").images[:2])
 
 

@@ -10,6 +10,7 @@ model) is captured again on load from a zero batch of the stored `input_shape`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -188,7 +189,8 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> Quan
     layer's FP weight is set to the dequantized weight so code that reads `.weight` sees what the model uses.
     """
     meta = read_metadata(path)
-    spec = QuantSpec(**meta["spec"])
+    # the stored tensors hold the reparameterised LayerNorm and Linear weights: rebuild without measuring again
+    spec = dataclasses.replace(QuantSpec(**meta["spec"]), ln_reparam=False)
     shape = meta["input_shape"]
     qmodel = prepare(_build_model(meta["model"]), spec, meta["units"], example=torch.zeros(2, *shape) if shape else None)
     tensors = load_file(str(path))

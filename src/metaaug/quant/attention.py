@@ -24,7 +24,7 @@ def sdpa_math(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
         keep = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
     if attn_mask is not None:
-        scores = masked_scores(scores, attn_mask, 1, True)
+        scores = masked_scores(scores, attn_mask, None, True)
     return scores.softmax(dim=-1) @ value
 
 
@@ -40,10 +40,13 @@ class DecomposedMHA(nn.Module):
         super().__init__()
         d, h = mha.embed_dim, mha.num_heads
         self.embed_dim, self.num_heads, self.batch_first = d, h, mha.batch_first
+        # read by nn.TransformerEncoder(Layer) to decide on its fused fast path (which the capture disables)
+        self._qkv_same_embed_dim, self.in_proj_weight, self.in_proj_bias = mha._qkv_same_embed_dim, None, None
         self.head_dim = d // h
-        self.q_proj = nn.Linear(d, d, bias=mha.in_proj_bias is not None)
-        self.k_proj = nn.Linear(mha.kdim, d, bias=mha.in_proj_bias is not None)
-        self.v_proj = nn.Linear(mha.vdim, d, bias=mha.in_proj_bias is not None)
+        like = {"device": mha.out_proj.weight.device, "dtype": mha.out_proj.weight.dtype}
+        self.q_proj = nn.Linear(d, d, bias=mha.in_proj_bias is not None, **like)
+        self.k_proj = nn.Linear(mha.kdim, d, bias=mha.in_proj_bias is not None, **like)
+        self.v_proj = nn.Linear(mha.vdim, d, bias=mha.in_proj_bias is not None, **like)
         with torch.no_grad():
             if mha._qkv_same_embed_dim:
                 for proj, w in zip((self.q_proj, self.k_proj, self.v_proj), mha.in_proj_weight.chunk(3), strict=True):
@@ -55,9 +58,8 @@ class DecomposedMHA(nn.Module):
             if mha.in_proj_bias is not None:
                 for proj, b in zip((self.q_proj, self.k_proj, self.v_proj), mha.in_proj_bias.chunk(3), strict=True):
                     proj.bias.copy_(b)
-        self.out_proj = nn.Linear(d, d, bias=mha.out_proj.bias is not None)
+        self.out_proj = nn.Linear(d, d, bias=mha.out_proj.bias is not None, **like)
         self.out_proj.load_state_dict(mha.out_proj.state_dict())
-        self.to(mha.out_proj.weight.device)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, H, L, Dh)
         return x.reshape(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
@@ -85,11 +87,12 @@ class DecomposedMHA(nn.Module):
         return out, attn.mean(dim=-3) if average_attn_weights else attn
 
 
-def masked_scores(scores: torch.Tensor, mask: torch.Tensor, heads: int, keep_true: bool) -> torch.Tensor:
+def masked_scores(scores: torch.Tensor, mask: torch.Tensor, heads: int | None, keep_true: bool) -> torch.Tensor:
     """`scores` with a boolean mask (`keep_true`: True = attend, as SDPA; else True = masked out, as
-    nn.MultiheadAttention) or an additive float mask applied; a (B*H, L, S) mask is viewed as (B, H, L, S).
-    A leaf of the fx trace (its branches depend on the mask's dtype and rank)."""
-    if mask.dim() == 3:
+    nn.MultiheadAttention) or an additive float mask applied. With `heads` (nn.MultiheadAttention) a (B*H, L, S)
+    mask is viewed as (B, H, L, S); SDPA's mask broadcasts as it is. A leaf of the fx trace (its branches depend on
+    the mask's dtype and rank)."""
+    if heads is not None and mask.dim() == 3:
         mask = mask.reshape(-1, heads, *mask.shape[-2:])
     if mask.dtype != torch.bool:
         return scores + mask

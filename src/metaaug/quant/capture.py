@@ -32,7 +32,7 @@ def output_logits(out: object) -> torch.Tensor:
         if "logits" in out:
             return output_logits(out["logits"])
         for key in out:
-            if isinstance(out[key], torch.Tensor | fx.Proxy):
+            if isinstance(out[key], torch.Tensor | fx.Proxy | fx.Node):
                 return out[key]
     if isinstance(out, tuple | list) and out:
         return output_logits(out[0])
@@ -62,6 +62,25 @@ def _sdpa_as_matmuls() -> Iterator[None]:
         F.scaled_dot_product_attention = saved
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, except that a torch.nn module with children (nn.TransformerEncoder(Layer)) is traced through
+    instead of kept whole: its Linear layers must be reached to be quantized."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return super().is_leaf_module(m, qualname) and not any(True for _ in m.children())
+
+
+@contextlib.contextmanager
+def _no_mha_fastpath() -> Iterator[None]:
+    """nn.TransformerEncoderLayer's fused fast path would bypass the decomposed attention."""
+    saved = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(saved)
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
@@ -75,7 +94,11 @@ def example_input(model: nn.Module, example: Example) -> torch.Tensor | None:
     if callable(example):
         example = example()
     if example is not None:
-        return example[:2].detach()
+        example = example[:2].detach()
+        if len(example) < 2:  # a batch of one would make torch.export fix the batch size at 1
+            example = example.expand(2, *example.shape[1:])
+        param = next(iter(model.parameters()), None)
+        return example if param is None else example.to(param.device)
     cfg = getattr(model, "config", None)
     size, channels = getattr(cfg, "image_size", None), getattr(cfg, "num_channels", None)
     if isinstance(channels, int) and isinstance(size, int | list | tuple):
@@ -91,9 +114,9 @@ def capture(model: nn.Module, example: Example = None) -> fx.GraphModule:
     only when torch.fx cannot trace the model.
     """
     decompose_attention(model)
-    with _sdpa_as_matmuls():
+    with _sdpa_as_matmuls(), _no_mha_fastpath():
         try:
-            gm = fx.symbolic_trace(model)
+            gm = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
         except Exception as exc:
             fx_reason = _first_line(exc)
         else:

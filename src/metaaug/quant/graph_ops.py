@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import operator
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -40,13 +41,14 @@ def quantized_readers(tensor: fx.Node, layers: set[fx.Node], modules: dict[str, 
     return [u for u in tensor.users if u in layers or is_gelu(u, modules)]
 
 
-def _activations(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes whose value depends on the model's input (not only on parameters and constants)."""
-    act: set[fx.Node] = set()
-    for node in graph.nodes:
-        if node.op == "placeholder" or (node.op != "get_attr" and any(i in act for i in node.all_input_nodes)):
-            act.add(node)
-    return act
+def data_nodes(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    """Nodes whose value depends on the values of the model's input: not parameters, constants (a mask built with
+    arange) or what only reads the input's shape (that mask expanded to the batch size)."""
+    data: set[fx.Node] = set()
+    for node in nodes:
+        if node.op == "placeholder" or any(i in data for i in node.all_input_nodes if i.op != "get_attr" and not is_size(i)):
+            data.add(node)
+    return data
 
 
 def _owner(node: fx.Node) -> str:
@@ -74,7 +76,7 @@ def insert_matmul_quantizers(gm: fx.GraphModule, bits: int, softmax_grid: str) -
     """Replace each matmul whose two inputs are activations by a `QuantMatmul` call; returns their module paths.
 
     An input produced by a softmax gets a quantizer on `softmax_grid` ("uniform" or "log2")."""
-    act = _activations(gm.graph)
+    act = data_nodes(gm.graph.nodes)
     paths = []
     for node in list(gm.graph.nodes):
         if not _target_in(node, MATMULS) or len(node.args) != 2 or node.kwargs:
@@ -140,10 +142,10 @@ SHAPE_OPS = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default}
 def is_size(node: fx.Node) -> bool:
     """Reads a tensor's shape (`x.shape`, `x.size()`, an exported `sym_size`): depends on no value of the tensor."""
     if node.op == "call_method":
-        return node.target in ("size", "dim")
+        return node.target in ("size", "dim", "numel", "get_device")
     if node.op != "call_function":
         return False
-    if node.target is builtins.getattr and len(node.args) > 1 and node.args[1] in ("shape", "ndim"):
+    if node.target is builtins.getattr and len(node.args) > 1 and node.args[1] in ("shape", "ndim", "device", "dtype", "layout", "is_cuda"):
         return True
     return node.target in SHAPE_OPS
 
@@ -158,9 +160,19 @@ def batch_free(graph: fx.Graph) -> set[fx.Node]:
             continue
         inputs = node.all_input_nodes
         computed = node.op in ("call_function", "call_method") and all(i in free for i in inputs)  # arange: no inputs
-        if is_size(node) or node.op == "get_attr" or (node.op == "call_module" and not inputs) or computed:
+        if (is_size(node) or node.op == "get_attr" or (node.op == "call_module" and not inputs) or computed) and not _edited(node):
             free.add(node)
     return free
+
+
+def _in_place(node: fx.Node) -> bool:
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and (name.endswith("_") or node.target is operator.setitem)
+
+
+def _edited(node: fx.Node) -> bool:
+    """An in-place op changes this value later (`mask.fill_diagonal_(...)`): copying the value elsewhere would lose it."""
+    return any(_in_place(u) for u in node.users) or _in_place(node)
 
 
 def localize_constants(graph: fx.Graph, unit_of: dict[fx.Node, int]) -> int:
@@ -190,7 +202,26 @@ def localize_constants(graph: fx.Graph, unit_of: dict[fx.Node, int]) -> int:
             if inp in shapes and unit_of.get(inp) != unit_of[node]:
                 node.replace_input_with(inp, copy_into(inp, unit_of[node], node))
     for node in reversed(list(graph.nodes)):
-        if node in shapes and not node.users:
+        if node in shapes and not node.users and not node.is_impure():
             graph.erase_node(node)
             unit_of.pop(node, None)
     return len(copies)
+
+
+UNFOLDED_BN = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
+FLOAT_LAYERS = {aten.linear.default, aten.conv2d.default, aten.conv1d.default, aten.conv2d.padding}
+
+
+def warn_unhandled_ops(gm: fx.GraphModule, fold_bn: bool) -> None:
+    """Say what a torch.export capture leaves as it is: BatchNorm not folded, and weight layers that could not be
+    mapped back to a Conv2d/Linear module (they stay in float)."""
+    from metaaug.errors import warn
+
+    ops = [n for n in gm.graph.nodes if n.op == "call_function"]
+    bns = [n.name for n in ops if _target_in(n, UNFOLDED_BN)]
+    left = [n.name for n in ops if _target_in(n, FLOAT_LAYERS)]
+    if fold_bn and bns:
+        warn(f"{len(bns)} BatchNorm op(s) in the exported graph (e.g. {bns[0]}) are not folded into their convs; "
+             "they run in float after the quantized conv")
+    if left:
+        warn(f"{len(left)} conv/linear op(s) (e.g. {left[0]}) are not Conv2d/Linear modules metaaug can wrap; they stay in float")

@@ -16,11 +16,11 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.split_module import split_module
 
-from metaaug.errors import ConfigError, ModelError
+from metaaug.errors import ConfigError, ModelError, warn
 from metaaug.quant.capture import Example, capture
 from metaaug.quant.fold import fold_batchnorm
-from metaaug.quant.graph_ops import insert_matmul_quantizers, localize_constants, params_into_modules, quantized_readers
-from metaaug.quant.layers import SUPPORTED, QuantLayer, QuantMatmul
+from metaaug.quant.graph_ops import insert_matmul_quantizers, localize_constants, params_into_modules, quantized_readers, warn_unhandled_ops
+from metaaug.quant.layers import SUPPORTED, ParamRef, QuantLayer, QuantMatmul
 from metaaug.quant.policy import Policy
 from metaaug.quant.quantizers import ActQuantizer, check_bits
 from metaaug.quant.reparam import reparam_layernorms
@@ -72,6 +72,15 @@ class QuantModel(nn.Module):
         self.unit_names = [p.name for p in plans]
         self.unit_targets = [f"submod_{i}" for i in range(len(plans))]
         self.input_shape: tuple[int, ...] | None = None
+        # a parameter read in several units (`x + self.pos` in every block) sits in each of them: one state-dict entry
+        paths: dict[int, list[str]] = {}
+        for name, mod in self.named_modules(remove_duplicate=False):
+            if isinstance(mod, ParamRef):
+                paths.setdefault(id(mod), []).append(f"{name}.value")
+        self._aliases = {alias: names[0] for names in paths.values() for alias in names[1:]}
+        if self._aliases:
+            self._register_state_dict_hook(_drop_aliases)
+            self._register_load_state_dict_pre_hook(_fill_aliases, with_module=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gm(x)
@@ -107,11 +116,21 @@ class QuantModel(nn.Module):
             aq.quant_prob = 1.0
 
 
+def _drop_aliases(module: QuantModel, state: dict, prefix: str, _meta: dict) -> None:
+    for alias in module._aliases:
+        state.pop(prefix + alias, None)
+
+
+def _fill_aliases(module: QuantModel, state: dict, prefix: str, *_args) -> None:
+    for alias, name in module._aliases.items():
+        if prefix + name in state and prefix + alias not in state:
+            state[prefix + alias] = state[prefix + name]
+
+
 def check_model_tensors(model: nn.Module) -> None:
     """A model on the meta device has no values to quantize (refused); float16/bfloat16/float64 weights would meet
     float32 images and quantizers, so they are converted to float32 in place, with a warning. Non-floating buffers
     (BatchNorm's num_batches_tracked) stay as they are."""
-    from metaaug.errors import warn
 
     tensors = [*model.named_parameters(), *model.named_buffers()]
     meta = [name for name, t in tensors if t.is_meta]
@@ -204,11 +223,14 @@ def prepare(model: nn.Module, spec: QuantSpec, units: str | Sequence[str] = "blo
     _check_layers(gm)
     if spec.fold_bn:
         fold_batchnorm(gm)
+    warn_unhandled_ops(gm, spec.fold_bn)
     if spec.ln_reparam:
         calib = example() if callable(example) else example
         if calib is None:
             raise ConfigError("ln_reparam measures LayerNorm outputs: pass calibration images (example=...) to prepare()")
-        reparam_layernorms(gm, calib)
+        if not reparam_layernorms(gm, calib):
+            warn("ln_reparam: no nn.LayerNorm read only by Linear layers in the graph (a torch.export capture keeps "
+                 "LayerNorm as an ATen op); nothing was reparameterised")
     modules = dict(gm.named_modules())
 
     # wrap layers

@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from metaaug.errors import ConfigError, ModelError
-from metaaug.quant.graph_ops import is_size
+from metaaug.quant.graph_ops import data_nodes, is_size
 
 JOINS: dict[object, str] = {
     operator.add: "residual", torch.add: "residual", "add": "residual", operator.sub: "residual", torch.sub: "residual",
@@ -77,15 +77,6 @@ def _inputs(node: fx.Node) -> list[fx.Node]:
     return [n for n in node.all_input_nodes if n.op != "get_attr" and not is_size(n)]
 
 
-def _data_nodes(nodes: list[fx.Node]) -> set[fx.Node]:
-    """Nodes that depend on the model's input; a constant (a mask built with arange, a token) is not data."""
-    data: set[fx.Node] = set()
-    for node in nodes:
-        if node.op == "placeholder" or any(i in data for i in _inputs(node)):
-            data.add(node)
-    return data
-
-
 def _immediate_dominators(nodes: list[fx.Node], order: dict[fx.Node, int], data: set[fx.Node]) -> dict[fx.Node, fx.Node | None]:
     """Cooper-Harvey-Kennedy on a DAG in topological order; None is the virtual root above the inputs. Only data
     inputs are edges: a constant mask read by every block would otherwise make the root every block's fork."""
@@ -142,7 +133,7 @@ class UnitFinder:
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.layers = [n for n in self.nodes if is_layer(n)]
         self.layer_paths = {n: str(n.target) for n in self.layers}
-        self.data = _data_nodes(self.nodes)
+        self.data = data_nodes(self.nodes)
 
     def owner(self, nodes: Iterable[fx.Node]) -> str:
         """The deepest module whose forward produced all of `nodes` ('' for the root); quantizer nodes do not count."""
