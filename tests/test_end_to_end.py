@@ -190,3 +190,4 @@ def test_models_command_lists_bundled_models_with_their_card():
     assert "resnet20" in res.output and "94.03" in res.output and "272,186" in res.output
     assert "mobilenetv2" in res.output and "93.29" in res.output
     assert "resnet56" in res.output and "94.06" in res.output and "855,482" in res.output
+    assert "vit" in res.output and "87.03" in res.output and "805,130" in res.output

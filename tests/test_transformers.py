@@ -372,3 +372,18 @@ def test_sdpa_masks_broadcast_as_torch_does():
     assert torch.allclose(sdpa_math(q, k, v, attn_mask=per_head), F.scaled_dot_product_attention(q, k, v, attn_mask=per_head), atol=1e-5)
     q3, k3, v3, m3 = torch.randn(2, 5, 8), torch.randn(2, 6, 8), torch.randn(2, 6, 8), torch.randn(2, 5, 6)
     assert torch.allclose(sdpa_math(q3, k3, v3, attn_mask=m3), F.scaled_dot_product_attention(q3, k3, v3, attn_mask=m3), atol=1e-5)
+
+
+def test_bundled_vit_quantizes_through_the_cli_and_reports_its_matmuls(tmp_path, tiny_data_dir):
+    from metaaug.cli.app import app
+
+    res = runner.invoke(app, ["models"])
+    assert "vit" in res.output
+    out = tmp_path / "vit"
+    res = runner.invoke(app, ["quantize", "--model", "vit", "--method", "qdrop", "--wbits", "4", "--abits", "4", "--calib-size", "16",
+                              "--iters", "2", "--data-dir", str(tiny_data_dir), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert [m["name"] for m in report["cost"]["matmuls"]][:2] == ["blocks.0.attn.qk_matmul", "blocks.0.attn.av_matmul"]
+    assert [p["name"] for p in report["unit_plan"]] == ["patch_embed", *(f"blocks.{i}" for i in range(6)), "head"]
+    assert report["fp_top1"] > 80  # the shipped checkpoint, on the first 200 test images
