@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from metaaug.quant.layers import QuantLayer
 from metaaug.quant.policy import LayerBits
 from metaaug.quant.prepare import QuantModel
 
@@ -33,20 +34,28 @@ class LayerInfo:
 
 
 @torch.no_grad()
-def layer_infos(qmodel: QuantModel, example: torch.Tensor) -> list[LayerInfo]:
-    """Parameter and MAC counts per quantized layer; `example` is one input batch (only its shape matters)."""
+def layer_macs(qmodel: QuantModel, example: torch.Tensor) -> dict[str, int]:
+    """MACs per image of every quantized layer (output elements x (cin / groups) x kh x kw, or in_features) and every
+    activation-activation matmul (output elements x inner dimension), from one forward pass of one image."""
     macs: dict[str, int] = {}
-    hooks = []
-    for ql in qmodel.quant_layers():
-        def hook(mod, _inp, out, ql=ql):
-            per_out = mod.layer.weight[0].numel()  # MACs per output element: (cin / groups) x kh x kw, or in_features
-            macs[ql.path] = int(out[0].numel()) * per_out
-        hooks.append(ql.register_forward_hook(hook))
+
+    def hook(mod, inp, out):
+        inner = mod.layer.weight[0].numel() if isinstance(mod, QuantLayer) else int(inp[0].shape[-1])
+        macs[mod.path] = int(out[0].numel()) * inner
+
+    hooks = [m.register_forward_hook(hook) for m in (*qmodel.quant_layers(), *qmodel.matmuls())]
     try:
         qmodel(example[:1].to(next(qmodel.parameters()).device))
     finally:
         for h in hooks:
             h.remove()
+    return macs
+
+
+def layer_infos(qmodel: QuantModel, example: torch.Tensor, macs: dict[str, int] | None = None) -> list[LayerInfo]:
+    """Parameter and MAC counts per quantized layer; `example` is one input batch (only its shape matters), `macs`
+    what `layer_macs` measured, if it has already run."""
+    macs = macs if macs is not None else layer_macs(qmodel, example)
     return [LayerInfo(ql.path, ql.layer.weight.numel(), ql.layer.weight.shape[0],
                       0 if ql.layer.bias is None else ql.layer.bias.numel(), macs[ql.path], ql.abits is None)
             for ql in qmodel.quant_layers()]
@@ -62,22 +71,13 @@ class MatmulInfo:
     abits: tuple[int, int]
 
 
-@torch.no_grad()
-def matmul_infos(qmodel: QuantModel, example: torch.Tensor) -> list[MatmulInfo]:
-    """MACs per image of each `QuantMatmul` (output elements x inner dimension), from one forward pass."""
-    macs: dict[str, int] = {}
-    hooks = []
-    for mm in qmodel.matmuls():
-        def hook(mod, inp, out, mm=mm):
-            macs[mm.path] = int(out[0].numel()) * int(inp[0].shape[-1])
-        hooks.append(mm.register_forward_hook(hook))
-    try:
-        if hooks:
-            qmodel(example[:1].to(next(qmodel.parameters()).device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return [MatmulInfo(mm.path, mm.role, macs[mm.path], (mm.qa.bits, mm.qb.bits)) for mm in qmodel.matmuls()]
+def matmul_infos(qmodel: QuantModel, example: torch.Tensor, macs: dict[str, int] | None = None) -> list[MatmulInfo]:
+    """MACs per image and input bits of each `QuantMatmul`."""
+    mms = list(qmodel.matmuls())
+    if not mms:
+        return []
+    macs = macs if macs is not None else layer_macs(qmodel, example)
+    return [MatmulInfo(mm.path, mm.role, macs[mm.path], (mm.qa.bits, mm.qb.bits)) for mm in mms]
 
 
 def model_bits(qmodel: QuantModel) -> dict[str, LayerBits]:
@@ -125,4 +125,5 @@ def policy_cost(infos: list[LayerInfo], bits: Mapping[str, LayerBits], matmuls: 
 
 def model_cost(qmodel: QuantModel, example: torch.Tensor) -> dict[str, Any]:
     """The cost of a prepared model at the bits it uses."""
-    return policy_cost(layer_infos(qmodel, example), model_bits(qmodel), matmul_infos(qmodel, example))
+    macs = layer_macs(qmodel, example)
+    return policy_cost(layer_infos(qmodel, example, macs), model_bits(qmodel), matmul_infos(qmodel, example, macs))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from metaaug.errors import ConfigError
-from metaaug.quant.cost import LayerInfo, layer_infos, matmul_infos, policy_cost
+from metaaug.quant.cost import LayerInfo, layer_infos, layer_macs, matmul_infos, policy_cost
 from metaaug.quant.policy import LayerBits, Policy
 from metaaug.quant.prepare import QuantModel
 from metaaug.quant.quantizers import check_bits
@@ -102,8 +102,9 @@ class SearchSpace:
         # activation genes: tensors that quantized layers read; attention matmul and GELU inputs stay at `abits`
         self.agroups = [list(aq.consumers) for aq in qmodel.act_quantizers()
                         if set(aq.consumers) <= set(self.layers) and not set(aq.consumers) & set(self.last)]
-        self.infos: list[LayerInfo] = layer_infos(qmodel, example)
-        self.matmuls = [dataclasses.replace(m, abits=(self.abits, self.abits)) for m in matmul_infos(qmodel, example)]
+        macs = layer_macs(qmodel, example)
+        self.infos: list[LayerInfo] = layer_infos(qmodel, example, macs)
+        self.matmuls = [dataclasses.replace(m, abits=(self.abits, self.abits)) for m in matmul_infos(qmodel, example, macs)]
 
     @property
     def length(self) -> int:
