@@ -37,6 +37,8 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, method: Any = "qdrop"
              progress: Progress | None = None, store=None) -> QuantModel:
     """Quantize `model` with `method` (a name or config dataclass) on unlabeled `calib_images`.
 
+    A method given by name runs with its paper's defaults (QDrop, BRECQ, AdaRound, MetaAug: 20000 iterations per
+    unit, where the CLI's default is 2000); pass a config such as `QDropConfig(iters=2000)` to choose.
     Returns the fake-quant model, quantization on. `units` overrides the method's reconstruction units ('block',
     'layer' or module paths); `store` (a `RunStore`) saves progress after every unit and resumes from it.
     """

@@ -54,7 +54,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         from metaaug.config_check import SEED, check_config, coerce_options
         from metaaug.errors import ConfigError
+        from metaaug.runs.sources import absolutize
 
+        absolutize(self)
         # None: every synthetic image for `synthetic`; the default number of real images for `real` and `mixed`
         if self.calib_size is None and self.calib_source != "synthetic":
             self.calib_size = DEFAULT_CALIB_SIZE
@@ -76,7 +78,7 @@ class RunConfig:
         """The method's config with `options`, and `iters` where the method has iterations."""
         overrides = dict(self.options)
         cls = config_types().get(self.method)
-        if self.iters is not None and cls is not None and "iters" in {f.name for f in dataclasses.fields(cls)}:
+        if self.iters is not None and cls is not None and iterates(cls):
             overrides["iters"] = self.iters
         return method_config(self.method, **overrides)
 
@@ -96,6 +98,12 @@ class RunConfig:
     def check_out(self, out: str | Path, restart: bool = False) -> None:
         """What `store` would refuse, found before any work and without writing anything."""
         RunFolder.check(out, "quantize", self.identity(), self.identity_defaults(), restart)
+
+
+def iterates(cls: type) -> bool:
+    """Whether a method config has iterations `--iters` sets (RTN's default of 0 says it has none)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return "iters" in fields and fields["iters"].default != 0
 
 
 def build_quant_model(cfg: RunConfig) -> QuantModel:

@@ -28,7 +28,8 @@ def quantize(
     abits: Annotated[int, typer.Option(help="activation bits, 2..8")] = DEFAULT_ABITS,
     calib_size: Annotated[int | None, typer.Option(
         help="calibration images, stratified (default: 1024 real images; with --calib-source synthetic, the whole set)")] = None,
-    iters: Annotated[int, typer.Option(help="iterations per unit (the papers use 20000)")] = 2000,
+    iters: Annotated[int | None, typer.Option(
+        help="iterations per unit (default 2000; the papers and the Python API's configs use 20000)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     data_dir: Annotated[str | None, typer.Option(help="folder of IDX files or train/ test/ image folders")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
@@ -54,8 +55,19 @@ def quantize(
     if meta_iters is not None:
         refuse_set(options, {"meta_iters": "--meta-iters"})
         options["meta_iters"] = meta_iters
+    from metaaug.errors import warn
+    from metaaug.methods.registry import config_types
+    from metaaug.pipeline import iterates
+
+    cls = config_types().get(method)
+    if cls is not None and not iterates(cls):
+        if iters is not None:
+            warn(f"--iters {iters}: method {method} runs no iterations; ignored")
+        run_iters = None  # RunConfig.iters None: the method's own (none)
+    else:
+        run_iters = 2000 if iters is None else iters
     cfg = RunConfig(model=model, weights=weights, method=method, wbits=wbits, abits=abits, calib_size=calib_size,
-                    iters=iters, seed=seed, data_dir=data_dir, fold_bn=not no_fold_bn,
+                    iters=run_iters, seed=seed, data_dir=data_dir, fold_bn=not no_fold_bn,
                     holdout=holdout, calib_source=calib_source, synth=synth, mixed_synth=mixed_synth,
                     units=units.split(",") if units else None, options=options,
                     policy=None if policy is None else Policy.load(policy).to_dict(), softmax_grid=softmax_grid, ln_reparam=ln_reparam)

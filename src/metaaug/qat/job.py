@@ -30,6 +30,7 @@ from metaaug.quant.quantizers import check_bits
 from metaaug.runs import files
 from metaaug.runs.files import RESTART_HINT, CorruptFileError
 from metaaug.runs.folder import RunFolder
+from metaaug.runs.sources import absolutize
 from metaaug.runs.store import REPORT
 
 QAT_STATE, BN_STATS, PLOT = "qat.safetensors", "bn_stats.safetensors", "accuracy.png"
@@ -45,6 +46,9 @@ class QATJob:
     data_dir: str | None = None
     seed: int = 0
     qat: QATConfig = field(default_factory=QATConfig)
+
+    def __post_init__(self) -> None:
+        absolutize(self)
 
     def identity(self) -> dict[str, Any]:
         return {"kind": "qat", **dataclasses.asdict(self)}

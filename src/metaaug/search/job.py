@@ -65,7 +65,10 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         from metaaug.config_check import SEED, check_config
+        from metaaug.runs.sources import absolutize
         from metaaug.search.space import _choices
+
+        absolutize(self)
 
         if isinstance(self.meta, dict):
             self.meta = MetaQuantConfig(**self.meta)
