@@ -3,20 +3,21 @@
 A residual (or concatenation, or gating) block is the region between a tensor and the join (`add`, `cat`,
 `mul`, ...) that all of its paths meet at: the join's immediate dominator is where the block forks. Chains of
 layers outside such regions are grouped by the module that owns them (a `Sequential` child, a block class
-without a skip) or left as single layers. Module names only label what the graph found.
+without a skip, with the squeeze-excitation gates inside it: EfficientNet's MBConv without a skip) or left as
+single layers. Module names only label what the graph found; a multi-layer module that still ends up in pieces
+is named in a warning, since it most likely was meant as one block.
 """
 
 from __future__ import annotations
 
 import operator
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
-from metaaug.errors import ConfigError, ModelError
+from metaaug.errors import ConfigError, ModelError, warn
 from metaaug.quant.graph_ops import data_nodes, is_size
 
 JOINS: dict[object, str] = {
@@ -34,13 +35,15 @@ ELEMENTWISE_FUNCS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.r
                      torch.tanh, "relu", "relu_", "sigmoid", "tanh", "clamp", torch.ops.aten.relu.default, torch.ops.aten.gelu.default,
                      torch.ops.aten.silu.default, torch.ops.aten.sigmoid.default, torch.ops.aten.hardtanh.default,
                      torch.ops.aten.hardswish.default, torch.ops.aten.clamp.default}
+BLOCK_KINDS = ("residual", "concat", "module", "module+gate", "named")  # units that are whole blocks, not pieces
 
 
 @dataclass
 class UnitPlan:
     """One reconstruction unit: its name (a module path where one module holds exactly it), how it was found
-    (`residual`, `concat`, `gate`: a graph region; `module`: a chain grouped by its owner; `layer`: a lone layer;
-    `named`: given with `--units`) and the quantized layers it holds."""
+    (`residual`, `concat`, `gate`: a graph region; `module`: a chain grouped by its owner; `module+gate`: a chain
+    and the gates inside it (squeeze-excitation) grouped by their owner, a block without a skip; `layer`: a lone
+    layer; `named`: given with `--units`) and the quantized layers it holds."""
 
     name: str
     found: str
@@ -217,6 +220,7 @@ class UnitFinder:
         node_unit: dict[fx.Node, str] = {}
         kinds: dict[str, str] = {}
         in_region: set[str] = set()
+        gates: list[tuple[str, set[fx.Node], set[str], str]] = []  # name, nodes, layers, owner of each gate region
         for region, kind in self.regions():
             layers = {self.layer_paths[n] for n in region if n in self.layer_paths}
             owner = self.owner(region)
@@ -225,19 +229,32 @@ class UnitFinder:
             kinds[name] = kind
             in_region |= layers
             node_unit.update({n: name for n in region})
-        groups = self._chain_groups(in_region)
-        kinds.update({g: "module" for g in groups})
+            if kind == "gate":
+                gates.append((name, region, layers, owner))
+        groups = self._chain_groups(in_region, [(layers, owner) for _, _, layers, owner in gates])
+        for group, absorbed in groups.items():
+            kinds[group] = "module+gate" if absorbed else "module"
+            for i in absorbed:  # the gate's nodes now belong to the module's unit
+                name, region, _, _ = gates[i]
+                kinds.pop(name, None)
+                node_unit.update({n: group for n in region})
 
         def unit_name(n: fx.Node) -> str | None:
             if n in node_unit:
                 return node_unit[n]
             return next((p for p in _stack(n) if p in groups), None)
 
-        return self._assign(unit_name, kinds)
+        unit_of, plans = self._assign(unit_name, kinds)
+        self._warn_split(plans)
+        return unit_of, plans
 
-    def _chain_groups(self, in_region: set[str]) -> set[str]:
-        """Modules that own a run of two or more layers outside every region, and nothing else."""
-        groups: set[str] = set()
+    def _chain_groups(self, in_region: set[str], gates: list[tuple[set[str], str]]) -> dict[str, list[int]]:
+        """Modules that own a run of two or more layers outside every region, and nothing else but whole gate
+        regions computed inside them (an SE block within a block without a skip), each with the gates it takes.
+
+        Only gates are taken: a module holding a residual or concat block is a stage of blocks, not one block.
+        """
+        groups: dict[str, list[int]] = {}
         free = {p for p in self.layer_paths.values() if p not in in_region}
         for node in self.layers:
             path = self.layer_paths[node]
@@ -245,12 +262,53 @@ class UnitFinder:
                 continue
             for anc in reversed(_stack(node)[:-1]):  # innermost first, the layer itself excluded
                 owned = self.module_layers(anc)
-                if not owned <= free:
+                inside = [i for i, (layers, owner) in enumerate(gates) if layers & owned]
+                whole = all(gates[i][0] <= owned and (gates[i][1] == anc or gates[i][1].startswith(anc + "."))
+                            for i in inside)
+                if not whole or not owned <= free.union(*(gates[i][0] for i in inside)):
                     break
                 if len(owned) > 1:
-                    groups.add(self._name(owned, anc) or anc)
+                    groups[self._name(owned, anc) or anc] = inside
                     break
         return groups
+
+    def _warn_split(self, plans: list[UnitPlan]) -> None:
+        """Warn once about modules with two or more layers left in pieces: lone layers, gates and regions that no
+        module holds, with no found block among them. Such a module was most likely meant as one block; a stage
+        of found blocks (a ResNet layer, MobileNet's features) is not split in this sense."""
+        unit_of = {layer: i for i, p in enumerate(plans) for layer in p.layers}
+        called = {p for n in self.layers for p in _stack(n) if p != self.layer_paths[n]}
+        split: list[tuple[str, list[str]]] = []
+        seen: list[set[str]] = []
+        for path in sorted(called, key=lambda p: (-p.count("."), p)):  # innermost first: report the smallest
+            layers = self.module_layers(path)
+            pieces = [plans[i] for i in sorted({unit_of[p] for p in layers if p in unit_of})]
+            if len(layers) < 2 or len(pieces) < 2 or any(s <= layers for s in seen):
+                continue
+            if any(p.found in BLOCK_KINDS and p.name in self.modules for p in pieces):
+                continue
+            if not any(p.found == "layer" or p.name not in self.modules for p in pieces):
+                continue  # gated blocks side by side
+            seen.append(layers)
+            while (parent := path.rpartition(".")[0]) in called and self.module_layers(parent) == layers:
+                path = parent  # the outermost module that runs exactly these layers: --units matches what runs
+            split.append((path, [p.name for p in pieces]))
+        if not split:
+            return
+        rank = {path: i for i, path in enumerate(self.layer_paths[n] for n in self.layers)}
+        split.sort(key=lambda s: min(rank[p] for p in self.module_layers(s[0])))  # in graph order
+        if len(split) == 1:
+            name, units = split[0]
+            warn(f"module '{name}' has {len(self.module_layers(name))} quantized layers but is split across "
+                 f"{len(units)} units ({', '.join(units)}); to reconstruct it as one unit name it with --units {name} "
+                 f"(API: units=['{name}']) together with the other blocks you want: named units replace the ones found")
+            return
+        shown = [name for name, _ in split[:5]]
+        more = f" and {len(split) - 5} more" if len(split) > 5 else ""
+        warn(f"{len(split)} modules with several quantized layers are split across units: "
+             f"{', '.join(f'{n!r} ({len(u)} units)' for n, u in split[:5])}{more}; to reconstruct each as one unit name "
+             f"them with --units {','.join(shown)}{',...' if more else ''} (API: units=[...]) together with the other "
+             "blocks you want: named units replace the ones found")
 
     def _assign(self, unit_name: Callable[[fx.Node], str | None], kinds: dict[str, str]) -> tuple[dict[fx.Node, int], list[UnitPlan]]:
         """Give each compute node a unit index, in topological order.
@@ -297,8 +355,5 @@ class UnitFinder:
 
 def warn_fallback(model_name: str) -> None:
     """No block was found, so block methods run layer by layer: say so, and what to do (a job prepares once)."""
-    warnings.warn(
-        f"{model_name}: no residual/concat block and no multi-layer module found in the traced graph; "
-        "reconstructing one unit per Conv/Linear layer. Name blocks yourself with --units a,b,c (API: units=[...])",
-        stacklevel=3,
-    )
+    warn(f"{model_name}: no residual/concat block and no multi-layer module found in the traced graph; "
+         "reconstructing one unit per Conv/Linear layer. Name blocks yourself with --units a,b,c (API: units=[...])")
