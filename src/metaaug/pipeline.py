@@ -19,6 +19,7 @@ from metaaug.progress import NullProgress, Progress
 from metaaug.quant.cost import model_cost
 from metaaug.quant.policy import Policy
 from metaaug.quant.prepare import DEFAULT_ABITS, DEFAULT_WBITS, QuantModel, QuantSpec
+from metaaug.recon.cache import CacheSettings
 from metaaug.runs.files import RESTART_HINT, CorruptFileError
 from metaaug.runs.folder import CONFIG, RunFolder
 from metaaug.runs.store import QUANTIZED, REPORT, RunStore, load_state
@@ -139,9 +140,10 @@ def stored_config(run: RunFolder) -> RunConfig:
 
 
 def run_job(cfg: RunConfig, out: str | Path, device: str = "auto", progress: Progress | None = None,
-            restart: bool = False) -> dict[str, Any]:
+            restart: bool = False, cache: CacheSettings | None = None) -> dict[str, Any]:
     """Quantize per `cfg`, evaluate, and write `report.json` and `quantized.safetensors` into `out` (resuming what
-    is there; `restart` starts over)."""
+    is there; `restart` starts over). `cache`: the reconstruction caches' memory budget and spill folder (not part
+    of the run's identity: they change speed, not the result)."""
     start = time.perf_counter()
     cfg.check_out(out, restart)
     spec, mcfg = cfg.spec(), cfg.method_cfg()
@@ -155,7 +157,8 @@ def run_job(cfg: RunConfig, out: str | Path, device: str = "auto", progress: Pro
     qmodel = prepare_for(model, mcfg, spec, cfg.units, calib.images).to(dev)
     store = cfg.store(out, restart)
     fp_top1 = top1(model.to(dev), test, device=dev)
-    ctx = JobContext(calib.images, calib.labels, holdout, store, progress or NullProgress(), Path(out), cfg.seed, dev)
+    ctx = JobContext(calib.images, calib.labels, holdout, store, progress or NullProgress(), Path(out), cfg.seed, dev,
+                     cache)
     result = run_method(qmodel, mcfg, ctx)
     qmodel, stats = result.model, result.stats
     report: dict[str, Any] = {

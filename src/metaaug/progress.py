@@ -34,6 +34,7 @@ class UnitStats:
 
 class Progress(Protocol):
     def start(self, unit_names: list[str]) -> None: ...
+    def plan(self, estimate, cache_budget: int) -> None: ...  # a `recon.estimate.JobEstimate`, before unit 1
     def unit_start(self, index: int, name: str, total: int) -> None: ...
     def advance(self, steps: int) -> None: ...
     def unit_end(self, index: int, stats: UnitStats) -> None: ...
@@ -41,6 +42,9 @@ class Progress(Protocol):
 
 class NullProgress:
     def start(self, unit_names: list[str]) -> None:
+        pass
+
+    def plan(self, estimate, cache_budget: int) -> None:
         pass
 
     def unit_start(self, index: int, name: str, total: int) -> None:

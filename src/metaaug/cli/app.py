@@ -45,6 +45,10 @@ def quantize(
     policy: Annotated[Path | None, typer.Option(help="policy.json with per-layer bits (mixed precision); replaces --wbits/--abits")] = None,
     softmax_grid: Annotated[str, typer.Option(help="grid of the quantizer on attention's softmax output: uniform | log2")] = "uniform",
     ln_reparam: Annotated[bool, typer.Option("--ln-reparam", help="move LayerNorm's per-channel ranges into the next Linear (RepQ-ViT)")] = False,
+    cache_budget: Annotated[str | None, typer.Option(
+        help="memory for the reconstruction caches, e.g. 8GB (KB/MB/GB, 1024-based); past it they spill to disk "
+             "(default: half the free memory)")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="folder for spilled caches (default: a temporary folder)")] = None,
     restart: Annotated[bool, typer.Option("--restart", help="start the run folder over (its progress and results are deleted)")] = False,
 ) -> None:
     """Quantize a model and write report.json + quantized.safetensors to the run folder (resumes if interrupted)."""
@@ -58,7 +62,9 @@ def quantize(
     from metaaug.errors import warn
     from metaaug.methods.registry import config_types
     from metaaug.pipeline import iterates
+    from metaaug.recon.cache import CacheSettings
 
+    cache = CacheSettings(budget=cache_budget, spill_dir=None if cache_dir is None else str(cache_dir))
     cls = config_types().get(method)
     if cls is not None and not iterates(cls):
         if iters is not None:
@@ -76,7 +82,7 @@ def quantize(
     bits = "policy" if policy is not None else f"w{wbits}a{abits}"
     out = out or Path("runs") / f"{Path(model.split(':')[0]).stem}-{method}-{bits}-s{seed}"
     with RichProgress(console) as prog:
-        report = run_job(cfg, out, device, prog, restart=restart)
+        report = run_job(cfg, out, device, prog, restart=restart, cache=cache)
     out_console.print(report_table(report))
     out_console.print(f"run folder: {out}")
 

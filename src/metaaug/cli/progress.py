@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from metaaug.progress import UnitStats
@@ -15,7 +15,8 @@ class _Bars:
     def __init__(self, console: Console) -> None:
         self.console = console
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                            console=console)
         self.task = None
 
     def __enter__(self):
@@ -27,26 +28,51 @@ class _Bars:
 
 
 class RichProgress(_Bars):
-    """One bar per unit, showing iterations and ms/iteration as it goes."""
+    """One bar per unit, showing iterations and ms/iteration as it goes; with an estimate, a job bar whose time
+    remaining is the whole reconstruction's (units weighted by their estimated ms/iteration)."""
 
     def __init__(self, console: Console) -> None:
         super().__init__(console)
         self.n_units = 0
+        self.job = None
+        self.weights: dict[str, float] = {}
+        self.unit_weight = 0.0
 
     def start(self, unit_names: list[str]) -> None:
         self.n_units = len(unit_names)
 
+    def plan(self, estimate, cache_budget: int) -> None:
+        from metaaug.recon.cache import human
+
+        where = "in memory" if estimate.cache_peak <= cache_budget else "spilling past it to disk"
+        self.console.print(
+            f"estimate: reconstruction ~{_duration(estimate.seconds)} for {len(estimate.units)} units x {estimate.iters} "
+            f"iterations (from timed FP passes; quantized steps run slower); caches ~{human(estimate.cache_peak)} at the "
+            f"largest unit, budget {human(cache_budget)}: {where}", highlight=False, soft_wrap=True)
+        mean = sum(u.ms_per_iter for u in estimate.units) / max(len(estimate.units), 1)
+        if mean > 0:  # the job bar counts iterations, each weighted by its unit's cost relative to the mean
+            self.weights = {u.name: u.ms_per_iter / mean for u in estimate.units}
+            self.job = self.bar.add_task("job", total=len(estimate.units) * estimate.iters, info="")
+
     def unit_start(self, index: int, name: str, total: int) -> None:
+        self.unit_weight = self.weights.get(name, 0.0)
         self.task = self.bar.add_task(f"unit {index + 1}/{self.n_units} {name}", total=max(total, 1), info="")
 
     def advance(self, steps: int) -> None:
         self.bar.advance(self.task, steps)
+        if self.job is not None:
+            self.bar.advance(self.job, steps * self.unit_weight)
 
     def unit_end(self, index: int, stats: UnitStats) -> None:
         info = f"{stats.ms_per_iter:.1f} ms/it" if stats.iters else "no optimisation"
         if stats.loss_end is not None:
             info += f"  loss {stats.loss_start:.4g} -> {stats.loss_end:.4g}"
         self.bar.update(self.task, completed=max(stats.iters, 1), info=info)
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class RichPhases(_Bars):
@@ -72,6 +98,10 @@ def report_table(report: dict) -> Table:
         c = report["cost"]
         table.add_row("weights", f"{c['weight_kb']:.1f} KB ({100 * c['weight_vs_w8a8']:.1f}% of W8A8), avg {c['avg_wbits']:.2f} bits")
         table.add_row("BOPs", f"{c['gbops']:.3f} G ({100 * c['bops_vs_w8a8']:.1f}% of W8A8)")
+    if "cache" in report:
+        c = report["cache"]
+        table.add_row("cache", f"{c['where']} ({c['dtype']}), peak {c['peak_memory']} in memory"
+                      + (f" + {c['peak_disk']} on disk" if c["spilled_tensors"] else "") + f", budget {c['budget']}")
     if report.get("unit_plan"):
         kinds: dict[str, int] = {}
         for unit in report["unit_plan"]:

@@ -63,5 +63,6 @@ class QDropConfig(ReconConfig):
 @register_method(ReconConfig, RTNConfig, AdaRoundConfig, BRECQConfig, QDropConfig)
 def reconstruct(qmodel: QuantModel, cfg: ReconConfig, ctx: JobContext) -> MethodResult:
     """The plain engine loop: every method here differs only in its config."""
-    engine = Reconstructor(qmodel, cfg, seed=ctx.seed, device=ctx.device, progress=ctx.progress, store=ctx.store)
-    return MethodResult(qmodel, engine.run(ctx.images))
+    engine = Reconstructor(qmodel, cfg, seed=ctx.seed, device=ctx.device, progress=ctx.progress, store=ctx.store,
+                           cache=ctx.cache)
+    return MethodResult(qmodel, engine.run(ctx.images), engine.engine_report())

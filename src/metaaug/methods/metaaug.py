@@ -301,10 +301,10 @@ class MetaAugReconstructor(Reconstructor):
     def _transformed_data(self, k: int, unit: nn.Module) -> UnitData:
         tx = map_chunks(lambda x: self.tnet(x, k), (self.calib,), 256, self.device, torch.device(self.cfg.cache_device))
         cache = torch.device(self.cfg.cache_device)
-        q = GraphStepper(self.qmodel, tx, self.device, cache).advance_to(k)
+        q = GraphStepper(self.qmodel, tx, self.device, cache, cache=self.cache).advance_to(k)
         with fp_mode(self.qmodel):
-            fp = GraphStepper(self.qmodel, tx, self.device, cache).advance_to(k)
-            fp_out = map_chunks(unit, fp, 256, self.device, cache)
+            fp = GraphStepper(self.qmodel, tx, self.device, cache, cache=self.cache).advance_to(k)
+            fp_out = map_chunks(unit, fp, 256, self.device, cache, self.cache, "T(x) FP output")
         return UnitData(q, fp, fp_out)
 
     def _summary(self, k: int, steps: int, secs: float, curve: list[dict]) -> dict:
@@ -341,9 +341,9 @@ class MetaAugReconstructor(Reconstructor):
 def metaaug(qmodel: QuantModel, cfg: MetaAugConfig, ctx: JobContext) -> MethodResult:
     """Run MetaAug; validate on the held-out split when the job has one; write its figures to the job's folder."""
     engine = MetaAugReconstructor(qmodel, cfg, seed=ctx.seed, device=ctx.device, progress=ctx.progress, store=ctx.store,
-                                  holdout_images=None if ctx.holdout is None else ctx.holdout.images)
+                                  cache=ctx.cache, holdout_images=None if ctx.holdout is None else ctx.holdout.images)
     stats = engine.run(ctx.images)
-    report = engine.report()
+    report = {**engine.report(), **engine.engine_report()}
     if ctx.out_dir is not None:
         from metaaug.viz import save_meta_plots
 

@@ -23,6 +23,7 @@ from metaaug.data.datasets import ImageDataset
 from metaaug.errors import ConfigError
 from metaaug.progress import NullProgress, Progress, UnitStats
 from metaaug.quant.prepare import QuantModel
+from metaaug.recon.cache import CacheSettings
 from metaaug.recon.config import ReconConfig
 from metaaug.runs.store import RunStore
 
@@ -33,7 +34,7 @@ ENTRY_POINT_GROUP = "metaaug.methods"
 @dataclass
 class JobContext:
     """What a job has for a method: calibration images (labels when known), held-out split, run store, progress,
-    output folder, seed and device. Handlers take what they need and ignore the rest."""
+    output folder, seed, device and cache settings. Handlers take what they need and ignore the rest."""
 
     images: torch.Tensor
     labels: torch.Tensor | None = None
@@ -43,6 +44,7 @@ class JobContext:
     out_dir: Path | None = None
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    cache: CacheSettings | None = None  # where reconstruction caches live (budget, spill folder); None: defaults
 
 
 @dataclass

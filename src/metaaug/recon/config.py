@@ -18,6 +18,9 @@ class ReconConfig:
     as QDrop's and Genie's released code do; the rounding logits keep a constant rate in either case.
     `aug_views` > 0 (not in any of the papers) reconstructs on each calibration image plus that many random
     shift/flip views of it, drawn once per run (seeded): fixed augmentation, the control a learned one must beat.
+    `cache_dtype` stores the cached unit inputs/outputs in bfloat16 or float16 (half the memory; not in the papers,
+    measured in bench/imagenet); float32 keeps the papers' numbers. Where the caches live is a run setting, not a
+    config field (`CacheSettings`: the budget changes speed, never the result).
     `RANGES` are what each knob can mean: a learned parameter needs a positive rate, `lr_weight_scale` 0 is off.
     """
 
@@ -26,6 +29,7 @@ class ReconConfig:
         "iters": ">= 0", "batch_size": ">= 1", "units": ("block", "layer"), "lr_round": "> 0", "lr_act": "> 0",
         "lr_weight_scale": ">= 0", "scale_schedule": SCHEDULES, "round_weight": ">= 0", "warmup": "[0, 1)",
         "beta_start": "> 0", "beta_end": "> 0", "quant_prob": "(0, 1]", "cache_device": "device", "aug_views": ">= 0",
+        "cache_dtype": ("float32", "bfloat16", "float16"),
     }
     iters: int = 20000
     batch_size: int = 32
@@ -42,6 +46,7 @@ class ReconConfig:
     learn_rounding: bool = True
     learn_act_scale: bool = True
     cache_device: str = "cpu"
+    cache_dtype: str = "float32"
     aug_views: int = 0
 
     def __post_init__(self) -> None:

@@ -21,7 +21,9 @@ from metaaug.progress import NullProgress, Progress, UnitStats
 from metaaug.quant.grids import qdrop_mix
 from metaaug.quant.observe import observing
 from metaaug.quant.prepare import QuantModel
+from metaaug.recon.cache import Cache, CacheSettings, is_rows
 from metaaug.recon.config import ReconConfig
+from metaaug.recon.estimate import JobEstimate, estimate
 from metaaug.recon.loss import beta_at, output_error, rounding_penalty
 from metaaug.recon.stepper import GraphStepper, map_chunks
 
@@ -38,12 +40,12 @@ class UnitData:
 
     @property
     def size(self) -> int:
-        return next(a for a in self.q_in if isinstance(a, torch.Tensor)).shape[0]
+        return next(a for a in self.q_in if is_rows(a)).shape[0]
 
     def cat(self, other: UnitData) -> UnitData:
         def join(a, b):
-            if isinstance(a, torch.Tensor):
-                return torch.cat([a, b])
+            if is_rows(a):
+                return torch.cat([a if isinstance(a, torch.Tensor) else a.to(a.device), b if isinstance(b, torch.Tensor) else b.to(b.device)])
             if isinstance(a, tuple):
                 return tuple(join(x, y) for x, y in zip(a, b, strict=True))
             return a
@@ -53,7 +55,7 @@ class UnitData:
         """Inputs for a batch: QDrop mixes quantized and FP inputs element-wise with probability `quant_prob`."""
         inputs = []
         for q, f in zip(self.q_in, self.fp_in, strict=True):
-            if not isinstance(q, torch.Tensor):
+            if not is_rows(q):
                 inputs.append(q)
                 continue
             qb = q[idx].to(device, non_blocking=True)
@@ -61,8 +63,8 @@ class UnitData:
                 qb = qdrop_mix(qb, f[idx].to(device, non_blocking=True), quant_prob)
             inputs.append(qb)
         out = self.fp_out
-        target = out[idx].to(device) if isinstance(out, torch.Tensor) else tuple(
-            o[idx].to(device) if isinstance(o, torch.Tensor) else o for o in out)  # shapes passed between units stay as they are
+        target = out[idx].to(device) if is_rows(out) else tuple(
+            o[idx].to(device) if is_rows(o) else o for o in out)  # shapes passed between units stay as they are
         return inputs, target
 
 
@@ -98,15 +100,17 @@ class Reconstructor:
     """Sequential unit-wise reconstruction over a prepared `QuantModel`."""
 
     def __init__(self, qmodel: QuantModel, cfg: ReconConfig, seed: int = 0, device: torch.device | str = "cpu",
-                 progress: Progress | None = None, store=None) -> None:
+                 progress: Progress | None = None, store=None, cache: CacheSettings | None = None) -> None:
         self.qmodel, self.cfg, self.seed = qmodel, cfg, seed
         self.device = torch.device(device)
+        self.cache = Cache(cache or CacheSettings(), torch.device(cfg.cache_device), cfg.cache_dtype)
         self.progress = progress or NullProgress()
         self.store = store
         depthwise = any(isinstance(m.layer, nn.Conv2d) and m.layer.groups > 1 for m in qmodel.quant_layers())
         self.round_weight = cfg.resolved_round_weight(depthwise)
         self.stats: list[UnitStats] = []
         self.during_seconds = 0.0  # the last unit's time in `during` (meta steps spread through reconstruction)
+        self.estimate: JobEstimate | None = None
 
     # ---- hooks for methods built on the engine -------------------------------------------------
     def begin(self, images: torch.Tensor) -> None:
@@ -127,11 +131,17 @@ class Reconstructor:
     def run(self, images: torch.Tensor) -> list[UnitStats]:
         qm, cfg = self.qmodel, self.cfg
         chunk = 256
-        images = self.with_views(images)
-        fp = GraphStepper(qm, images, self.device, cfg.cache_device, chunk)
-        q = GraphStepper(qm, images, self.device, cfg.cache_device, chunk)
+        images = self.with_views(images).to(cfg.cache_device)
+        self.cache.track(images)
+        fp = GraphStepper(qm, images, self.device, cfg.cache_device, chunk, self.cache)
+        q = GraphStepper(qm, images, self.device, cfg.cache_device, chunk, self.cache)
         done, self.stats = (self.store.restore(qm) if self.store else (0, []))
         self.progress.start(list(qm.unit_names))
+        if cfg.iters > 0 and done < len(qm.unit_names):
+            self.estimate = estimate(qm, images, cfg.batch_size, cfg.iters, self.device, done)
+            plan = getattr(self.progress, "plan", None)  # a progress written before `plan` existed still works
+            if plan is not None:
+                plan(self.estimate, self.cache.budget)
         self.begin(images)
         if done and self.store:
             state = self.store.restore_method_state()
@@ -153,7 +163,8 @@ class Reconstructor:
                 continue
             torch.manual_seed(self.seed * 100_003 + k)
             with fp_mode(qm), torch.no_grad():
-                fp_out = map_chunks(unit, fp_in, chunk, self.device, torch.device(cfg.cache_device))
+                fp_out = map_chunks(unit, fp_in, chunk, self.device, torch.device(cfg.cache_device), self.cache,
+                                    f"{name} (FP output)")
             data = UnitData(q_in, fp_in, fp_out)
             self.init_quantizers(unit, data)
             self.progress.unit_start(k, name, cfg.iters)
@@ -176,10 +187,18 @@ class Reconstructor:
                 self.store.save(qm, k + 1, self.stats, self.method_state())
             self.progress.unit_end(k, stats)
         self.end()
+        self.cache.close()
         return self.stats
 
     def end(self) -> None:
         """Called once after the last unit (release what `begin` set up)."""
+
+    def engine_report(self) -> dict:
+        """The report's `cache` entry (where caches lived) and, when reconstruction ran, its up-front `estimate`."""
+        out = {"cache": self.cache.summary()}
+        if self.estimate is not None:
+            out["estimate"] = self.estimate.summary()
+        return out
 
     def after_unit(self, k: int, unit: nn.Module) -> None:
         """Called when unit `k` is final (also when replayed on resume)."""
@@ -207,7 +226,7 @@ class Reconstructor:
         for layer in layers:
             layer.quantize_weight = True
         acts = list(qm.act_quantizers(unit))
-        sample = tuple(a[:OBSERVE_IMAGES] if isinstance(a, torch.Tensor) else a for a in data.q_in)
+        sample = tuple(a[:OBSERVE_IMAGES] if is_rows(a) else a for a in data.q_in)
         with observing(acts):
             map_chunks(unit, sample, 128, self.device, self.device)
         for aq in acts:
