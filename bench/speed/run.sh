@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# metaaug's QDrop (CLI, the paper's recipe: --set lr_weight_scale=0) against the plain-PyTorch reference
+# (bench/speed/reference.py), side by side: per seed both run at once, one thread each, on the same 1024 stratified
+# calibration images (metaaug.data.calibration_split with the seed). Writes bench/speed/results.json and results.md.
+#
+#   bash bench/speed/run.sh                                   # W2A4, 1024 images, 2000 iterations, seed 0
+#   ITERS=20 CALIB=64 SEEDS=0 bash bench/speed/run.sh         # smoke test
+#
+# Overrides: ITERS, CALIB, SEEDS (comma or space separated), WBITS, ABITS, MODEL, WEIGHTS. Per-run folders, logs and
+# the reference's JSON go to bench/speed/runs/ (git-ignored).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+ITERS=${ITERS:-2000}
+CALIB=${CALIB:-1024}
+SEEDS=${SEEDS:-0}
+WBITS=${WBITS:-2}
+ABITS=${ABITS:-4}
+MODEL=${MODEL:-bench/renamed_models.py:resnet20_renamed}  # the bundled ResNet-20 with its block class renamed
+WEIGHTS=${WEIGHTS:-src/metaaug/models/weights/resnet20_fmnist.safetensors}
+PY=.venv/bin/python
+OUT=bench/speed
+RUNS=$OUT/runs
+COMMAND="ITERS=$ITERS CALIB=$CALIB SEEDS=$SEEDS WBITS=$WBITS ABITS=$ABITS MODEL=$MODEL WEIGHTS=$WEIGHTS bash bench/speed/run.sh"
+mkdir -p "$RUNS"
+
+# run NAME CMD...: run CMD with one thread, its output in $RUNS/NAME.log and its wall time (ms) in $RUNS/NAME.wall_ms
+run() {
+    local name=$1 start
+    shift
+    start=$(date +%s%N)
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$@" >"$RUNS/$name.log" 2>&1
+    echo $(( ($(date +%s%N) - start) / 1000000 )) >"$RUNS/$name.wall_ms"
+}
+
+for seed in ${SEEDS//,/ }; do
+    echo "seed $seed: metaaug qdrop and the reference, side by side ($ITERS iterations, $CALIB images)"
+    run "metaaug-s$seed" "$PY" -m metaaug quantize --model "$MODEL" --weights "$WEIGHTS" --method qdrop \
+        --wbits "$WBITS" --abits "$ABITS" --calib-size "$CALIB" --iters "$ITERS" --seed "$seed" --device cpu \
+        --set lr_weight_scale=0 --out "$RUNS/metaaug-s$seed" --restart &
+    m=$!
+    run "reference-s$seed" "$PY" bench/speed/reference.py --model "$MODEL" --weights "$WEIGHTS" \
+        --wbits "$WBITS" --abits "$ABITS" --calib "$CALIB" --iters "$ITERS" --seed "$seed" --out "$RUNS/reference-s$seed.json" &
+    r=$!
+    status=0
+    wait "$m" || { status=$?; echo "metaaug run failed (exit $status), see $RUNS/metaaug-s$seed.log"; }
+    wait "$r" || { status=$?; echo "reference run failed (exit $status), see $RUNS/reference-s$seed.log"; }
+    [ "$status" -eq 0 ] || exit "$status"
+done
+
+"$PY" "$OUT/summarise.py" --runs "$RUNS" --out "$OUT" --seeds "$SEEDS" --command "$COMMAND"
