@@ -19,7 +19,7 @@ class ReconConfig:
     `aug_views` > 0 (not in any of the papers) reconstructs on each calibration image plus that many random
     shift/flip views of it, drawn once per run (seeded): fixed augmentation, the control a learned one must beat.
     `cache_dtype` stores the cached unit inputs/outputs in bfloat16 or float16 (half the memory; not in the papers,
-    measured in bench/imagenet); float32 keeps the papers' numbers. Where the caches live is a run setting, not a
+    measured in bench/cache_dtype); float32 keeps the papers' numbers. Where the caches live is a run setting, not a
     config field (`CacheSettings`: the budget changes speed, never the result).
     `RANGES` are what each knob can mean: a learned parameter needs a positive rate, `lr_weight_scale` 0 is off.
     """
