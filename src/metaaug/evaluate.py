@@ -7,17 +7,15 @@ from torch import nn
 
 from metaaug.data.datasets import ImageDataset
 from metaaug.quant.capture import output_logits
-
-EVAL_BYTES = 64 << 20
+from metaaug.recon.cache import slice_rows
 
 
 @torch.no_grad()
 def logits_of(model: nn.Module, images: torch.Tensor, batch: int = 500, device: torch.device | str = "cpu") -> torch.Tensor:
     """The model's logits for `images` (a dict, ModelOutput or tuple output gives its logits: `output_logits`).
-    Batches hold at most `batch` images and EVAL_BYTES of input: 500 at 28x28, ~110 at 224x224 RGB, so a large
-    model's activations stay small."""
-    per_image = max(1, images[0].numel() * 4) if len(images) else 1
-    batch = max(1, min(batch, EVAL_BYTES // per_image))
+    Batches hold at most `batch` images and `recon.cache.SLICE_BYTES` of input: 500 at 28x28, ~110 at 224x224 RGB,
+    so a large model's activations stay small."""
+    batch = slice_rows(images.shape[1:], batch)
     outs = [output_logits(model(images[i : i + batch].to(device))).float().cpu() for i in range(0, len(images), batch)]
     return torch.cat(outs)
 

@@ -8,6 +8,7 @@ float32 a spilled tensor reads back the same bits, so a spill changes speed, nev
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import torch
 from metaaug.errors import ConfigError
 
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SLICE_BYTES = 64 << 20  # input bytes per slice of a whole-set pass (caching, evaluation): 256+ images at 28x28
 DEFAULT_FRACTION = 0.5  # of the memory free when the run starts: the rest is for the model, a unit's work, the OS
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30, "GB": 1 << 30,
           "T": 1 << 40, "TB": 1 << 40}
@@ -62,6 +64,11 @@ def free_memory(device: torch.device) -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def slice_rows(row_shape: tuple[int, ...] | torch.Size, limit: int) -> int:
+    """At most `limit` rows per slice, and no more than SLICE_BYTES of float32 input: a 224x224 pass stays small."""
+    return max(1, min(limit, SLICE_BYTES // max(1, math.prod(row_shape) * 4)))
 
 
 def is_rows(value: Any) -> bool:

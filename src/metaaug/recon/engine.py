@@ -45,7 +45,7 @@ class UnitData:
     def cat(self, other: UnitData) -> UnitData:
         def join(a, b):
             if is_rows(a):
-                return torch.cat([a if isinstance(a, torch.Tensor) else a.to(a.device), b if isinstance(b, torch.Tensor) else b.to(b.device)])
+                return torch.cat([a[:], b[:]])  # stored rows read back whole
             if isinstance(a, tuple):
                 return tuple(join(x, y) for x, y in zip(a, b, strict=True))
             return a

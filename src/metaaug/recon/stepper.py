@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Callable
 
@@ -10,21 +9,9 @@ import torch
 from torch import fx
 
 from metaaug.quant.prepare import QuantModel
-from metaaug.recon.cache import Cache, StoredRows, is_rows
+from metaaug.recon.cache import Cache, StoredRows, is_rows, slice_rows
 
 Value = object
-
-
-CHUNK_BYTES = 64 << 20  # rows of input per slice: 256 images at 28x28, fewer where one image's tensor is large
-
-
-def chunk_rows(args: tuple, chunk: int) -> int:
-    """At most `chunk` rows, and no more than CHUNK_BYTES of the first input: a 224x224 unit's slice stays small."""
-    first = next((a for a in args if is_rows(a)), None)
-    if first is None:
-        return chunk
-    row = max(1, math.prod(first.shape[1:]) * 4)
-    return max(1, min(chunk, CHUNK_BYTES // row))
 
 
 def map_chunks(fn: Callable[..., Value], args: tuple, chunk: int | None, device: torch.device, out_device: torch.device,
@@ -35,8 +22,8 @@ def map_chunks(fn: Callable[..., Value], args: tuple, chunk: int | None, device:
     slice by slice, so a large output is never held twice."""
     tensors = [a for a in args if is_rows(a)]
     n = tensors[0].shape[0] if tensors else 0
-    if chunk is not None:
-        chunk = chunk_rows(args, chunk)
+    if chunk is not None and tensors:
+        chunk = slice_rows(tensors[0].shape[1:], chunk)
     if chunk is None or n <= chunk:
         out = fn(*[a.to(device) if is_rows(a) else a for a in args])
         return _to(out, out_device) if cache is None else _store(out, None, 0, n, cache, out_device, name)
