@@ -124,3 +124,38 @@ def test_bits_outside_2_to_8_are_rejected(bad):
         WeightQuantizer(bad, 4, 4)
     with pytest.raises(ConfigError, match=r"2\.\.8"):
         ActQuantizer(bad)
+
+
+def test_compiled_fake_quant_gives_the_eager_outputs_and_restores_eager_after():
+    from metaaug.quant import grids
+
+    torch.manual_seed(0)
+    x0, s0 = torch.randn(4, 8, 6, 6) * 2, torch.tensor(0.3)
+    mask = grids.keep_mask(x0.shape, 0.5, x0.device)
+    results = []
+    for compiled in (False, True):
+        x, s = x0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+        with grids.compiled_fake_quant(compiled):
+            y = grids._grid_node(x, s, mask, "uniform", -8, 7)
+        (y * x0).sum().backward()
+        results.append((y.detach(), x.grad, s.grad))
+    (y_e, gx_e, gs_e), (y_c, gx_c, gs_c) = results
+    assert torch.equal(y_e, y_c) and torch.equal(gx_e, gx_c)
+    assert torch.allclose(gs_e, gs_c, rtol=1e-4)
+    assert grids._grid_node == grids._GridFakeQuant.apply
+
+
+def test_bf16_compute_runs_layers_in_bf16_and_quantizes_in_float32():
+    from metaaug.recon.config import ReconConfig
+    from metaaug.recon.engine import compute_context
+
+    conv, aq = torch.nn.Conv2d(3, 4, 3), ActQuantizer(4)
+    x = torch.rand(2, 3, 8, 8)
+    aq.init_from(conv(x).detach())
+    aq.enabled = True
+    with compute_context(torch.device("cpu"), ReconConfig(compute_dtype="bfloat16")):
+        h = conv(x)
+        y = aq(h)
+    assert h.dtype == torch.bfloat16 and y.dtype == torch.float32
+    with compute_context(torch.device("cpu"), ReconConfig()):
+        assert conv(x).dtype == torch.float32

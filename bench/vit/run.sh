@@ -13,3 +13,11 @@ $PY bench/grid.py --out bench/vit/qdrop "${common[@]}" --methods qdrop --setting
 $PY bench/grid.py --out bench/vit/options "${common[@]}" --methods qdrop --variant log2=qdrop:softmax_grid=log2 \
   --variant ln_reparam=qdrop:ln_reparam=true --settings W4A4 --calib-sizes 1024 --seeds 0
 $PY bench/grid.py --out bench/vit/scarce "${common[@]}" --methods qdrop,metaaug --settings W4A4 --calib-sizes 128 --seeds 0
+# MetaAug: 50 meta steps per unit with the 200 reconstruction steps (its default 500 takes ~6 min per block here).
+meta=(--variant metaaug=metaaug:meta_iters=50)
+$PY bench/grid.py --out bench/vit/scarce "${common[@]}" --methods qdrop "${meta[@]}" --settings W4A4 --calib-sizes 32,128 --seeds 0,1,2
+$PY bench/grid.py --out bench/vit/recon "${common[@]}" --methods adaround,brecq --settings W4A4,W3A3 --calib-sizes 1024 --seeds 0,1,2
+$PY bench/grid.py --out bench/vit/options3 "${common[@]}" --methods "" --variant log2=qdrop:softmax_grid=log2 \
+  --variant ln_reparam=qdrop:ln_reparam=true --settings W4A4 --calib-sizes 1024 --seeds 0,1,2
+$PY bench/grid.py --out bench/vit/metaaug "${common[@]}" --methods "" "${meta[@]}" --settings W4A4 --calib-sizes 1024 --seeds 0,1,2
+$PY bench/grid.py --out bench/vit/eight "${common[@]}" --methods qdrop --settings W8A8,W4A8 --calib-sizes 1024 --seeds 0

@@ -21,6 +21,10 @@ class ReconConfig:
     `cache_dtype` stores the cached unit inputs/outputs in bfloat16 or float16 (half the memory; not in the papers,
     measured in bench/cache_dtype); float32 keeps the papers' numbers. Where the caches live is a run setting, not a
     config field (`CacheSettings`: the budget changes speed, never the result).
+    Two speed options, off by default (not in the papers; measured in bench/speed/options): `compute_dtype="bfloat16"`
+    runs the unit's convolutions and matmuls under bf16 autocast during reconstruction steps only (caching, observation
+    and evaluation stay float32; activations are still quantized in float32); `compile_fake_quant` runs the fused
+    activation fake-quant through torch.compile during the steps (compile time per shape, outputs identical).
     `RANGES` are what each knob can mean: a learned parameter needs a positive rate, `lr_weight_scale` 0 is off.
     """
 
@@ -29,7 +33,7 @@ class ReconConfig:
         "iters": ">= 0", "batch_size": ">= 1", "units": ("block", "layer"), "lr_round": "> 0", "lr_act": "> 0",
         "lr_weight_scale": ">= 0", "scale_schedule": SCHEDULES, "round_weight": ">= 0", "warmup": "[0, 1)",
         "beta_start": "> 0", "beta_end": "> 0", "quant_prob": "(0, 1]", "cache_device": "device", "aug_views": ">= 0",
-        "cache_dtype": ("float32", "bfloat16", "float16"),
+        "cache_dtype": ("float32", "bfloat16", "float16"), "compute_dtype": ("float32", "bfloat16"),
     }
     iters: int = 20000
     batch_size: int = 32
@@ -47,6 +51,8 @@ class ReconConfig:
     learn_act_scale: bool = True
     cache_device: str = "cpu"
     cache_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    compile_fake_quant: bool = False
     aug_views: int = 0
 
     def __post_init__(self) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 from metaaug.data.augment import augment
 from metaaug.environment import loop_threads, threads
 from metaaug.progress import NullProgress, Progress, UnitStats
-from metaaug.quant.grids import qdrop_mix
+from metaaug.quant.grids import compiled_fake_quant, qdrop_mix
 from metaaug.quant.observe import observing
 from metaaug.quant.prepare import QuantModel
 from metaaug.recon.cache import Cache, CacheSettings, is_rows
@@ -66,6 +66,17 @@ class UnitData:
         target = out[idx].to(device) if is_rows(out) else tuple(
             o[idx].to(device) if is_rows(o) else o for o in out)  # shapes passed between units stay as they are
         return inputs, target
+
+
+@contextlib.contextmanager
+def compute_context(device: torch.device, cfg: ReconConfig) -> Iterator[None]:
+    """A reconstruction step's forward as `cfg` asks: bf16 autocast (`compute_dtype`), compiled fake-quant
+    (`compile_fake_quant`); the defaults add nothing."""
+    with contextlib.ExitStack() as stack:
+        if cfg.compute_dtype != "float32":
+            stack.enter_context(torch.autocast(device.type, dtype=getattr(torch, cfg.compute_dtype)))
+        stack.enter_context(compiled_fake_quant(cfg.compile_fake_quant))
+        yield
 
 
 def scale_scheduler(opt: torch.optim.Optimizer, cfg: ReconConfig) -> torch.optim.lr_scheduler.LambdaLR | None:
@@ -274,7 +285,9 @@ class Reconstructor:
             self.during_seconds += time.perf_counter() - hook
             idx = torch.randint(n, (cfg.batch_size,))
             inputs, target = data.batch(idx, cfg.quant_prob, self.device)
-            rec = output_error(unit(*inputs), target)
+            with compute_context(self.device, cfg):
+                pred = unit(*inputs)
+            rec = output_error(pred, target)
             loss = rec + rounding_penalty(wqs, beta_at(it, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end),
                                           self.round_weight)
             opt.zero_grad(set_to_none=True)
