@@ -6,8 +6,11 @@
 #   bash bench/speed/run.sh                                   # W2A4, 1024 images, 2000 iterations, seed 0
 #   ITERS=20 CALIB=64 SEEDS=0 bash bench/speed/run.sh         # smoke test
 #
-# Overrides: ITERS, CALIB, SEEDS (comma or space separated), WBITS, ABITS, MODEL, WEIGHTS. Per-run folders, logs and
-# the reference's JSON go to bench/speed/runs/ (git-ignored).
+#   SET=compile_fake_quant=true OUT=bench/speed/compiled bash bench/speed/run.sh   # metaaug with a speed option
+#
+# Overrides: ITERS, CALIB, SEEDS (comma or space separated), WBITS, ABITS, MODEL, WEIGHTS, SET (extra `--set` options
+# for metaaug, comma separated), OUT (results folder). Per-run folders, logs and the reference's JSON go to $OUT/runs/
+# (git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -19,9 +22,12 @@ ABITS=${ABITS:-4}
 MODEL=${MODEL:-bench/renamed_models.py:resnet20_renamed}  # the bundled ResNet-20 with its block class renamed
 WEIGHTS=${WEIGHTS:-src/metaaug/models/weights/resnet20_fmnist.safetensors}
 PY=.venv/bin/python
-OUT=bench/speed
+SET=${SET:-}
+OUT=${OUT:-bench/speed}
 RUNS=$OUT/runs
-COMMAND="ITERS=$ITERS CALIB=$CALIB SEEDS=$SEEDS WBITS=$WBITS ABITS=$ABITS MODEL=$MODEL WEIGHTS=$WEIGHTS bash bench/speed/run.sh"
+COMMAND="ITERS=$ITERS CALIB=$CALIB SEEDS=$SEEDS WBITS=$WBITS ABITS=$ABITS MODEL=$MODEL WEIGHTS=$WEIGHTS${SET:+ SET=$SET} OUT=$OUT bash bench/speed/run.sh"
+extra=()
+for kv in ${SET//,/ }; do extra+=(--set "$kv"); done
 mkdir -p "$RUNS"
 
 # run NAME CMD...: run CMD with one thread, its output in $RUNS/NAME.log and its wall time (ms) in $RUNS/NAME.wall_ms
@@ -37,7 +43,7 @@ for seed in ${SEEDS//,/ }; do
     echo "seed $seed: metaaug qdrop and the reference, side by side ($ITERS iterations, $CALIB images)"
     run "metaaug-s$seed" "$PY" -m metaaug quantize --model "$MODEL" --weights "$WEIGHTS" --method qdrop \
         --wbits "$WBITS" --abits "$ABITS" --calib-size "$CALIB" --iters "$ITERS" --seed "$seed" --device cpu \
-        --set lr_weight_scale=0 --out "$RUNS/metaaug-s$seed" --restart &
+        --set lr_weight_scale=0 "${extra[@]}" --out "$RUNS/metaaug-s$seed" --restart &
     m=$!
     run "reference-s$seed" "$PY" bench/speed/reference.py --model "$MODEL" --weights "$WEIGHTS" \
         --wbits "$WBITS" --abits "$ABITS" --calib "$CALIB" --iters "$ITERS" --seed "$seed" --out "$RUNS/reference-s$seed.json" &
@@ -48,4 +54,4 @@ for seed in ${SEEDS//,/ }; do
     [ "$status" -eq 0 ] || exit "$status"
 done
 
-"$PY" "$OUT/summarise.py" --runs "$RUNS" --out "$OUT" --seeds "$SEEDS" --command "$COMMAND"
+"$PY" bench/speed/summarise.py --runs "$RUNS" --out "$OUT" --seeds "$SEEDS" --command "$COMMAND"

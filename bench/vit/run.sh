@@ -19,5 +19,6 @@ $PY bench/grid.py --out bench/vit/scarce "${common[@]}" --methods qdrop "${meta[
 $PY bench/grid.py --out bench/vit/recon "${common[@]}" --methods adaround,brecq --settings W4A4,W3A3 --calib-sizes 1024 --seeds 0,1,2
 $PY bench/grid.py --out bench/vit/options3 "${common[@]}" --methods "" --variant log2=qdrop:softmax_grid=log2 \
   --variant ln_reparam=qdrop:ln_reparam=true --settings W4A4 --calib-sizes 1024 --seeds 0,1,2
-$PY bench/grid.py --out bench/vit/metaaug "${common[@]}" --methods "" "${meta[@]}" --settings W4A4 --calib-sizes 1024 --seeds 0,1,2
-$PY bench/grid.py --out bench/vit/eight "${common[@]}" --methods qdrop --settings W8A8,W4A8 --calib-sizes 1024 --seeds 0
+$PY bench/grid.py --out bench/vit/metaaug "${common[@]}" --methods "" "${meta[@]}" --settings W4A4,W3A3 --calib-sizes 1024 --seeds 0,1,2
+$PY bench/grid.py --out bench/vit/eight "${common[@]}" --methods adaround,brecq,qdrop --settings W8A8,W4A8 --calib-sizes 1024 --seeds 0,1,2
+$PY bench/grid.py --out bench/vit/eight_metaaug "${common[@]}" --methods "" "${meta[@]}" --settings W8A8,W4A8 --calib-sizes 1024 --seeds 0
