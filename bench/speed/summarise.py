@@ -43,7 +43,8 @@ def main() -> None:
         rows.append({k: mean.get(k, "mean" if k == "seed" else rows[0][k]) for k in rows[0]})
     legend = ("Both runs of a seed at once, one thread each (OMP_NUM_THREADS=1), on the same stratified calibration images. "
               "metaaug: `python -m metaaug quantize --method qdrop --set lr_weight_scale=0` (the paper's QDrop, weight steps "
-              "fixed), plus a `--set` per option in the command's SET. reference: bench/speed/reference.py, a plain-PyTorch loop of the same algorithm. *_recon_s: "
+              "fixed), plus a `--set` per option in the command's SET. reference: bench/speed/reference.py, "
+              "a plain-PyTorch loop of the same algorithm. *_recon_s: "
               "seconds in the per-block optimisation loops only (no caching, step searches or evaluation); ratio_recon: "
               "metaaug / reference; *_wall_s: the whole process (imports, data, both evaluations). *_top1: test top-1 (%) "
               "on Fashion-MNIST.")
