@@ -18,7 +18,6 @@ if [ ! -d "$ROOT/src/qdrop" ]; then
 fi
 if [ ! -x "$ROOT/venv/bin/python" ]; then
     python3 -m venv "$ROOT/venv"
-    "$ROOT/venv/bin/pip" install -q torch==2.13.0
     "$ROOT/venv/bin/pip" install -q "torch==2.13.0" scipy pyyaml easydict numpy
 fi
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$ROOT/venv/bin/python" bench/imagenet/released_qdrop.py --qdrop "$ROOT/src" \
