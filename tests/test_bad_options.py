@@ -57,6 +57,8 @@ def refused(args: list[str], message: str, out) -> None:
     (["--set", "aug_views=-1"], "aug_views must be >= 0"),
     (["--set", "scale_schedule=linear"], "scale_schedule must be one of constant, cosine"),
     (["--set", "nokey"], "--set expects key=value"),
+    (["--fast", "--set", "compute_dtype=float32"], "--fast sets compute_dtype: drop --set compute_dtype=float32 or --fast"),
+    (["--fast", "--set", "compile_fake_quant=false"], "--fast sets compile_fake_quant"),
     (["--set", "=3"], "--set expects key=value"),
     (["--set", "lr_act=1e-4", "--set", "lr_act=1e-3"], "--set lr_act is given twice"),
     (["--set", "bogus=1"], "qdrop has no option 'bogus'"),

@@ -84,3 +84,35 @@ def test_fixed_augmentation_reconstructs_on_seeded_views_of_each_image(tiny_net)
     assert Reconstructor(eng.qmodel, QDropConfig(), seed=1).with_views(images) is images
     with pytest.raises(ConfigError, match="aug_views must be >= 0"):
         QDropConfig(aug_views=-1)
+
+
+def test_first_iteration_is_timed_apart_from_the_steady_state(tiny_net):
+    """A compiled fake-quant pays its compile in the first step; the report keeps that out of the steady ms/iteration."""
+    from metaaug.quant import prepare
+    from metaaug.recon.engine import Reconstructor
+
+    images = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    cfg = QDropConfig(iters=4, batch_size=8, compile_fake_quant=True)
+    stats = Reconstructor(prepare(copy.deepcopy(tiny_net), QuantSpec(2, 4)), cfg).run(images)
+    timed = [s for s in stats if s.iters]
+    assert timed
+    for s in timed:
+        first, steady = s.extra["first_iter_ms"], s.extra["steady_ms_per_iter"]
+        assert s.ms_per_iter == pytest.approx((first + 3 * steady) / 4, abs=0.01)
+        assert s.ms_per_iter * s.iters <= 1000 * s.seconds + 1  # both are rounded to the millisecond
+    assert max(s.extra["first_iter_ms"] for s in timed) > 2 * max(s.extra["steady_ms_per_iter"] for s in timed)
+    rtn = Reconstructor(prepare(copy.deepcopy(tiny_net), QuantSpec(2, 4)), QDropConfig(iters=1)).run(images)
+    assert all("steady_ms_per_iter" not in s.extra for s in rtn)
+
+
+def test_compiled_fake_quant_without_a_compiler_is_refused_before_the_run(tiny_net, monkeypatch):
+    """torch.compile on the CPU needs a C++ compiler: its absence is one line up front, not a traceback mid-run."""
+    from metaaug.quant import grids, prepare
+    from metaaug.recon.engine import Reconstructor
+
+    qm = prepare(copy.deepcopy(tiny_net), QuantSpec(2, 4))
+    monkeypatch.setattr(grids.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match="compile_fake_quant on the CPU needs a C\\+\\+ compiler"):
+        Reconstructor(qm, QDropConfig(iters=1, compile_fake_quant=True))
+    Reconstructor(qm, QDropConfig(iters=1))  # nothing to compile: no compiler needed
+    Reconstructor(qm, QDropConfig(iters=1, compile_fake_quant=True), device="meta")  # not a CPU: Triton's job

@@ -25,7 +25,8 @@ rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", t).group(
 wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", t).group(1)
 secs = sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall.split(":"))))
 rep = json.load(open(out + "/report.json"))
-units = [{"unit": u["name"], "ms_per_iter": u["ms_per_iter"]} for u in rep["units"]]
+units = [{"unit": u["name"], "ms_per_iter": u["ms_per_iter"], "steady_ms_per_iter": u.get("extra", {}).get("steady_ms_per_iter")}
+         for u in rep["units"]]
 row = {"label": label, "code": override or "this checkout", "peak_rss_gb": round(rss_kb / 2**20, 2),
        "wall_s": round(secs, 1), "recon_s": rep.get("recon_seconds"), "cache": rep.get("cache"),
        "calib_size": rep["calib_size"], "iters": rep["iters"], "units": units, "command": cmd}

@@ -24,6 +24,7 @@ def main() -> None:
                    f"{c.get('peak_disk', 'n/a')} | {c.get('budget', 'n/a')} | {slow['unit']} {slow['ms_per_iter']} |")
     out += ["", "Commands:", ""] + [f"- `{r['label']}`: `{r['command']}`" for r in rows]
     out += released_table(rows)
+    out += option_tables(rows)
     (HERE / "results.md").write_text("\n".join(out) + "\n")
     print("\n".join(out))
 
@@ -47,6 +48,41 @@ def released_table(rows: list[dict]) -> list[str]:
         m = mine.get(u["unit"])
         ratio = f"{m / u['ms_per_iter']:.2f}" if m else "-"
         out.append(f"| {u['unit']} | {u['ms_per_iter']} | {m if m else '-'} | {ratio} |")
+    return out
+
+
+VARIANTS = {"before": "before #32 (c7963f4^)", "float32": "float32 (default)", "bf16": "compute_dtype=bfloat16",
+            "compiled": "compile_fake_quant", "both": "bf16 + compiled"}
+
+
+def option_tables(rows: list[dict]) -> list[str]:
+    """A table per model from `options.sh` runs (labels opt-MODEL-VARIANT): each speed option on and off."""
+    runs: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        if r["label"].startswith("opt-"):
+            model, variant = r["label"][4:].rsplit("-", 1)
+            runs.setdefault(model, {})[variant] = r  # a later run of the same label replaces an earlier one
+    if not runs:
+        return []
+    out = ["", "## Speed options per model", "",
+           "`bash bench/imagenet/options.sh CALIB ITERS MODEL...` (BEFORE=1 adds the code before this issue's work): "
+           "one run per variant, one after the other, torch's default threads (2 on this machine). ms/iteration is the engine's steady state "
+           "per unit (the first iteration, which pays torch.compile's compile, left out; the before code reports the plain mean)."]
+    for model, by in runs.items():
+        vs = [v for v in VARIANTS if v in by]
+        ref = by.get("float32")
+        first = next(iter(by.values()))
+        out += ["", f"### {model} ({first['calib_size']} images, {first['iters']} iterations per unit)", "",
+                "| | " + " | ".join(VARIANTS[v] for v in vs) + " |", "|---|" + "---|" * len(vs),
+                "| peak RSS GB | " + " | ".join(str(by[v]["peak_rss_gb"]) for v in vs) + " |",
+                "| wall s | " + " | ".join(str(by[v]["wall_s"]) for v in vs) + " |"]
+        per = {v: {u["unit"]: u.get("steady_ms_per_iter") or u["ms_per_iter"] for u in by[v]["units"]} for v in vs}
+        sums = {v: sum(per[v].values()) for v in vs}
+        base = sums.get("float32")
+        out.append("| sum of unit ms/iter | " + " | ".join(
+            f"{sums[v]:.0f}" + (f" ({sums[v] / base:.2f}x)" if base else "") for v in vs) + " |")
+        for u in (ref or first)["units"]:
+            out.append(f"| {u['unit']} | " + " | ".join(f"{per[v].get(u['unit'], 0):.1f}" for v in vs) + " |")
     return out
 
 

@@ -7,9 +7,13 @@
 #   ITERS=20 CALIB=64 SEEDS=0 bash bench/speed/run.sh         # smoke test
 #
 #   SET=compile_fake_quant=true OUT=bench/speed/compiled bash bench/speed/run.sh   # metaaug with a speed option
+#   ALONE=1 SET=... OUT=... bash bench/speed/run.sh     # one after the other, each alone on the machine
+#
+# Side by side, the two processes share the machine only while both run: the one that ends first leaves the other
+# alone for the rest of its run, which flatters whichever is slower. ALONE=1 runs them one after the other instead.
 #
 # Overrides: ITERS, CALIB, SEEDS (comma or space separated), WBITS, ABITS, MODEL, WEIGHTS, SET (extra `--set` options
-# for metaaug, comma separated), OUT (results folder). Per-run folders, logs and the reference's JSON go to $OUT/runs/
+# for metaaug, comma separated), OUT (results folder), ALONE (1: one after the other). Per-run folders, logs and the reference's JSON go to $OUT/runs/
 # (git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,9 +27,12 @@ MODEL=${MODEL:-bench/renamed_models.py:resnet20_renamed}  # the bundled ResNet-2
 WEIGHTS=${WEIGHTS:-src/metaaug/models/weights/resnet20_fmnist.safetensors}
 PY=.venv/bin/python
 SET=${SET:-}
+ALONE=${ALONE:-0}
+how="side by side" alone_cmd="" alone_flag=()
+if [ "$ALONE" = 1 ]; then how="one after the other" alone_cmd=" ALONE=1" alone_flag=(--alone); fi
 OUT=${OUT:-bench/speed}
 RUNS=$OUT/runs
-COMMAND="ITERS=$ITERS CALIB=$CALIB SEEDS=$SEEDS WBITS=$WBITS ABITS=$ABITS MODEL=$MODEL WEIGHTS=$WEIGHTS${SET:+ SET=$SET} OUT=$OUT bash bench/speed/run.sh"
+COMMAND="ITERS=$ITERS CALIB=$CALIB SEEDS=$SEEDS WBITS=$WBITS ABITS=$ABITS MODEL=$MODEL WEIGHTS=$WEIGHTS${SET:+ SET=$SET}$alone_cmd OUT=$OUT bash bench/speed/run.sh"
 extra=()
 for kv in ${SET//,/ }; do extra+=(--set "$kv"); done
 mkdir -p "$RUNS"
@@ -40,18 +47,23 @@ run() {
 }
 
 for seed in ${SEEDS//,/ }; do
-    echo "seed $seed: metaaug qdrop and the reference, side by side ($ITERS iterations, $CALIB images)"
+    echo "seed $seed: metaaug qdrop and the reference, $how ($ITERS iterations, $CALIB images)"
     run "metaaug-s$seed" "$PY" -m metaaug quantize --model "$MODEL" --weights "$WEIGHTS" --method qdrop \
         --wbits "$WBITS" --abits "$ABITS" --calib-size "$CALIB" --iters "$ITERS" --seed "$seed" --device cpu \
         --set lr_weight_scale=0 "${extra[@]}" --out "$RUNS/metaaug-s$seed" --restart &
     m=$!
+    status=0
+    if [ "$ALONE" = 1 ]; then
+        wait "$m" || { echo "metaaug run failed (exit $?), see $RUNS/metaaug-s$seed.log"; exit 1; }
+    fi
     run "reference-s$seed" "$PY" bench/speed/reference.py --model "$MODEL" --weights "$WEIGHTS" \
         --wbits "$WBITS" --abits "$ABITS" --calib "$CALIB" --iters "$ITERS" --seed "$seed" --out "$RUNS/reference-s$seed.json" &
     r=$!
-    status=0
-    wait "$m" || { status=$?; echo "metaaug run failed (exit $status), see $RUNS/metaaug-s$seed.log"; }
+    if [ "$ALONE" != 1 ]; then
+        wait "$m" || { status=$?; echo "metaaug run failed (exit $status), see $RUNS/metaaug-s$seed.log"; }
+    fi
     wait "$r" || { status=$?; echo "reference run failed (exit $status), see $RUNS/reference-s$seed.log"; }
     [ "$status" -eq 0 ] || exit "$status"
 done
 
-"$PY" bench/speed/summarise.py --runs "$RUNS" --out "$OUT" --seeds "$SEEDS" --command "$COMMAND"
+"$PY" bench/speed/summarise.py --runs "$RUNS" --out "$OUT" --seeds "$SEEDS" --command "$COMMAND" "${alone_flag[@]}"

@@ -36,12 +36,14 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seeds", required=True, help="comma or space separated")
     p.add_argument("--command", required=True, help="the command that made the runs (recorded)")
+    p.add_argument("--alone", action="store_true", help="the runs were made one after the other (ALONE=1)")
     a = p.parse_args()
     rows = [row(a.runs, int(s)) for s in a.seeds.replace(",", " ").split()]
     if len(rows) > 1:
         mean = {k: round(statistics.mean(r[k] for r in rows), 3) for k in rows[0] if k.endswith(("_top1", "_s", "ratio_recon"))}
         rows.append({k: mean.get(k, "mean" if k == "seed" else rows[0][k]) for k in rows[0]})
-    legend = ("Both runs of a seed at once, one thread each (OMP_NUM_THREADS=1), on the same stratified calibration images. "
+    how = "One after the other, each alone on the machine" if a.alone else "Both runs of a seed at once"
+    legend = (f"{how}, one thread each (OMP_NUM_THREADS=1), on the same stratified calibration images. "
               "metaaug: `python -m metaaug quantize --method qdrop --set lr_weight_scale=0` (the paper's QDrop, weight steps "
               "fixed), plus a `--set` per option in the command's SET. reference: bench/speed/reference.py, "
               "a plain-PyTorch loop of the same algorithm. *_recon_s: "

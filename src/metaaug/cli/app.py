@@ -50,6 +50,8 @@ def quantize(
              "(default: half the free memory)")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="folder for spilled caches (default: a temporary folder)")] = None,
     restart: Annotated[bool, typer.Option("--restart", help="start the run folder over (its progress and results are deleted)")] = False,
+    fast: Annotated[bool, typer.Option("--fast", help="bf16 autocast and compiled fake-quant in the reconstruction steps "
+                                       "(--set compute_dtype=bfloat16 --set compile_fake_quant=true; bench/speed)")] = False,
 ) -> None:
     """Quantize a model and write report.json + quantized.safetensors to the run folder (resumes if interrupted)."""
     from metaaug.cli.progress import RichProgress, report_table
@@ -59,6 +61,11 @@ def quantize(
     if meta_iters is not None:
         refuse_set(options, {"meta_iters": "--meta-iters"})
         options["meta_iters"] = meta_iters
+    if fast:
+        for key in ("compute_dtype", "compile_fake_quant"):
+            if key in options:
+                raise MetaAugError(f"--fast sets {key}: drop --set {key}={options[key]} or --fast")
+        options.update(compute_dtype="bfloat16", compile_fake_quant="true")
     from metaaug.errors import warn
     from metaaug.methods.registry import config_types
     from metaaug.pipeline import iterates

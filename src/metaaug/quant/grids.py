@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import shutil
 from collections.abc import Callable, Iterator
 
 import torch
@@ -157,6 +158,17 @@ def compiled_fake_quant(enabled: bool = True) -> Iterator[None]:
             yield
     finally:
         _grid_node = previous
+
+
+CXX = ("g++", "clang++", "c++")
+
+
+def check_compiler(device: torch.device) -> None:
+    """torch.compile builds CPU kernels with a C++ compiler: without one on PATH, say so before the run starts
+    (a CUDA device compiles with Triton and needs none)."""
+    if device.type == "cpu" and not any(shutil.which(c) for c in CXX):
+        raise ConfigError(f"compile_fake_quant on the CPU needs a C++ compiler for torch.compile ({', '.join(CXX)}); "
+                          "none is on PATH: install one or leave compile_fake_quant off")
 
 
 @functools.cache

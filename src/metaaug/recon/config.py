@@ -21,7 +21,9 @@ class ReconConfig:
     `cache_dtype` stores the cached unit inputs/outputs in bfloat16 or float16 (half the memory; not in the papers,
     measured in bench/cache_dtype); float32 keeps the papers' numbers. Where the caches live is a run setting, not a
     config field (`CacheSettings`: the budget changes speed, never the result).
-    Two speed options, off by default (not in the papers; measured in bench/speed/options): `compute_dtype="bfloat16"`
+    Two speed options, off by default (not in the papers; the CLI's `--fast` turns on both; measured in
+    bench/speed/options and options3: accuracy held over 3 seeds, 0.75x the time with 2 threads, little with one thread
+    on an idle CPU; off so that the papers' float32 numbers stay bit-identical): `compute_dtype="bfloat16"`
     runs the unit's convolutions and matmuls under bf16 autocast during reconstruction steps only (caching, observation
     and evaluation stay float32; activations are still quantized in float32); `compile_fake_quant` runs the fused
     activation fake-quant through torch.compile during the steps (compile time per shape, outputs identical).
