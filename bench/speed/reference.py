@@ -192,6 +192,8 @@ def reconstruct(blocks: list[nn.Module], images: torch.Tensor, iters: int, seed:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if images.is_cuda:
+            torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
         for layer in layers:
             layer.mode = "hard"
@@ -218,18 +220,22 @@ def main() -> None:
     p.add_argument("--calib", type=int, default=1024)
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the GPU check, bench/gpu.sh)")
     p.add_argument("--out", type=Path, required=True, help="result JSON")
     a = p.parse_args()
+    if a.device != "cpu":  # every tensor the blocks make lives on the device (on the CPU: no dispatch mode, same timing)
+        torch.set_default_device(a.device)
     model = build_model(a.model, a.weights).eval()
     calib, _ = calibration_split(load_dataset(None, "train"), a.calib, a.seed)  # the pipeline's stratified picks
     test = load_dataset(None, "test")
+    calib_images, test_images, test_labels = (t.to(a.device) for t in (calib.images, test.images, test.labels))
     names, blocks = blocks_of(model, a.wbits, a.abits)
     net = nn.Sequential(*blocks).eval()
-    fp_top1 = top1(net, test.images, test.labels)
-    seconds = reconstruct(blocks, calib.images, a.iters, a.seed)
-    quant_top1 = top1(net, test.images, test.labels)
+    fp_top1 = top1(net, test_images, test_labels)
+    seconds = reconstruct(blocks, calib_images, a.iters, a.seed)
+    quant_top1 = top1(net, test_images, test_labels)
     result = {"model": a.model, "wbits": a.wbits, "abits": a.abits, "calib_size": a.calib, "iters": a.iters, "seed": a.seed,
-              "threads": torch.get_num_threads(), "fp_top1": round(fp_top1, 2), "quant_top1": round(quant_top1, 2),
+              "device": a.device, "threads": torch.get_num_threads(), "fp_top1": round(fp_top1, 2), "quant_top1": round(quant_top1, 2),
               "recon_seconds": round(sum(seconds), 1), "wall_seconds": round(time.perf_counter() - start, 1),
               "blocks": {n: round(s, 2) for n, s in zip(names, seconds, strict=True)}}
     a.out.parent.mkdir(parents=True, exist_ok=True)
