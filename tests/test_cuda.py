@@ -17,7 +17,7 @@ from metaaug.data import load_dataset
 from metaaug.evaluate import top1
 from metaaug.pipeline import load_run
 from metaaug.quant import QuantSpec
-from metaaug.quant.quantizers import lsq_fake_quant
+from metaaug.quant.quantizers import ActQuantizer, lsq_fake_quant
 
 DEVICE = os.environ.get("METAAUG_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="no CUDA device")
@@ -39,6 +39,22 @@ def test_fused_quantizer_gradients_match_the_cpu():
         grads.append((xd.grad.cpu(), sd.grad.cpu()))
     assert torch.equal(grads[0][0], grads[1][0])
     assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-4)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="host syncs exist on CUDA only")
+def test_an_activation_quantizer_step_makes_no_host_sync():
+    aq = ActQuantizer(4).to(DEVICE)
+    aq.init_from(torch.randn(4096, device=DEVICE))
+    aq.enabled, aq.quant_prob = True, 0.5
+    x = torch.randn(4096, device=DEVICE, requires_grad=True)
+    aq.scale.requires_grad_(True)
+    aq(x)  # the first call reads the signed flag once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        aq(x).square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert x.grad is not None and aq.scale.grad is not None
 
 
 def test_round_to_nearest_on_the_device_predicts_like_the_cpu(resnet20, calib256, fmnist_test_small):

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -101,6 +103,37 @@ def test_act_quantizer_unsigned_after_relu_and_signed_otherwise():
     aq.enabled = True
     y = aq(torch.randn(1000))
     assert (y / aq.scale).round().unique().numel() <= 16
+
+
+class CountingBool(torch.Tensor):
+    reads = 0
+
+    def __bool__(self) -> bool:
+        CountingBool.reads += 1
+        return super().__bool__()
+
+
+def test_the_signed_flag_is_read_from_the_device_once_and_again_only_after_it_changes():
+    aq = ActQuantizer(4)
+    aq.init_from(torch.rand(1000))  # non-negative: unsigned
+    aq.enabled = True
+    x = torch.linspace(-2, 2, 101)
+    aq.signed = torch.tensor(False).as_subclass(CountingBool)
+    CountingBool.reads = 0
+    for _ in range(5):
+        assert float(aq(x).min()) == 0.0  # unsigned: negative inputs clip to 0
+    assert CountingBool.reads == 1  # on a GPU each read is a host sync
+    aq.signed = torch.tensor(True)  # a new tensor (as `.to()` makes) is read afresh
+    assert float(aq(x).min()) < 0
+    aq.signed.fill_(False)  # so is an in-place write
+    assert float(aq(x).min()) == 0.0
+    aq.signed.fill_(True)
+    assert float(aq(x).min()) < 0
+    aq.load_state_dict({**aq.state_dict(), "signed": torch.tensor(False)})
+    assert float(aq(x).min()) == 0.0
+    twin = copy.deepcopy(aq)
+    twin.signed.fill_(True)
+    assert float(twin(x).min()) < 0 and float(aq(x).min()) == 0.0
 
 
 def test_qdrop_mixes_quantized_and_fp_values_with_probability_p():

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from metaaug.errors import ConfigError
-from metaaug.quant.grids import act_bounds, act_fake_quant, act_span, rtn_fake_quant, signed_for
+from metaaug.quant.grids import act_bounds, act_fake_quant, act_span, host_bool, rtn_fake_quant, signed_for
 from metaaug.quant.layers import QuantLayer
 from metaaug.quant.lp import act_step, weight_qparams
 from metaaug.quant.observe import observing
@@ -106,7 +106,7 @@ class ActBank(SwitchableSteps, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits is None:
             return x
-        return act_fake_quant(x, self.scale(self.bits), self.bits, bool(self.signed), self.grid)
+        return act_fake_quant(x, self.scale(self.bits), self.bits, host_bool(self, "signed"), self.grid)
 
     def fixed(self, bits: int) -> ActQuantizer:
         """The post-training quantizer of this tensor at `bits` (same grid), on the bank's device."""

@@ -47,6 +47,19 @@ def signed_for(x: torch.Tensor) -> bool:
     return bool(x.min() < 0)
 
 
+def host_bool(module: torch.nn.Module, name: str) -> bool:
+    """`bool(module.<name>)` for a 0-dim bool buffer, read from the device only when the buffer changed: on a GPU
+    each read is a host sync, and a quantizer's forward needs its `signed` flag at every step. An in-place write
+    (`fill_`, `load_state_dict`) bumps the tensor's version and `.to()` makes a new tensor, so either re-reads."""
+    t = getattr(module, name)
+    key = (t.data_ptr(), t.device, t._version)
+    cache = module.__dict__.setdefault("_host_bools", {})
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        hit = cache[name] = (key, bool(t))
+    return hit[1]
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round with a straight-through gradient. The forward is exactly `x.round()` (`x + (round(x) - x)` can be off by
     one ulp), so weights in round-to-nearest mode quantize bit-identically with or without the gradient path."""

@@ -11,6 +11,7 @@ from metaaug.quant.grids import (
     act_bounds,
     act_fake_quant,
     check_grid,
+    host_bool,
     keep_mask,
     lsq_fake_quant,
     nearest_index,
@@ -165,7 +166,7 @@ class ActQuantizer(nn.Module):
             return x
         if not self.enabled:
             return x
-        return act_fake_quant(x, self.scale, self.bits, bool(self.signed), self.grid, self.quant_prob)
+        return act_fake_quant(x, self.scale, self.bits, host_bool(self, "signed"), self.grid, self.quant_prob)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={bool(self.signed)}, grid={self.grid}"
