@@ -34,7 +34,7 @@ def export(
 ) -> None:
     """Export a quantized run; results (onnx_top1, torch_top1, max_abs_logit_diff, sizes) go to <run>/export.json."""
     from metaaug.export.jobs import check_export_out, export_onnx_run, export_packed_run
-    from metaaug.export.onnx_export import check_act_container
+    from metaaug.export.onnx_quant import check_act_container
     from metaaug.runs.opened import open_run
 
     if format not in FORMATS:

@@ -104,7 +104,8 @@ def export_onnx_run(run_dir: str | Path, out: str | Path, data_dir: str | None =
     Raises ModelError (after recording the numbers) when top-1 differs by more than `tol_top1` points or fewer
     than `min_agreement` % of the predictions agree.
     """
-    from metaaug.export.onnx_export import check_act_container, export_onnx, onnx_logits, require_onnx
+    from metaaug.export.onnx_export import export_onnx, onnx_logits, require_onnx
+    from metaaug.export.onnx_quant import check_act_container
 
     require_onnx()
     check_act_container(act_container)

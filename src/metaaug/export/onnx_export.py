@@ -8,7 +8,7 @@ quantizer becomes an exact QDQ pair:
   per-channel DequantizeLinear with the learned scale and zero-point, so the dequantized weight is bit-identical;
 * activations: QuantizeLinear/DequantizeLinear with zero-point 0 in a `uint4`/`int4` (<= 4 bits) or `uint8`/`int8`
   container; widths below the container's are clipped exactly by a Clip to `[lo*s, hi*s]` before the pair. Which
-  container: `ACT_CONTAINERS` (`auto` keeps 4 bits only where onnxruntime can take them, see `needs_wide`);
+  container: `onnx_quant.ACT_CONTAINERS` (`auto` keeps 4 bits only where onnxruntime can take them, see `needs_wide`);
 * log2-grid activations (post-softmax): elementary ops, since QuantizeLinear only has uniform grids.
 
 Every FX node is also run in PyTorch on two "shadow" batches (sizes 2 and 3): that gives each tensor's rank and
@@ -16,16 +16,16 @@ dtype, folds everything that does not depend on the input (parameters, masks bui
 into initializers, and tells which sizes follow the batch: those become Shape/Gather ops, so the exported graph
 takes any batch size.
 
-onnx/onnxruntime are imported inside the functions: they are an optional extra (`metaaug[onnx]`).
+The quantizers' ONNX is in `onnx_quant`, the modules' in `onnx_modules`, tensor functions' in `onnx_ops`, the
+node builder and op tables in `onnx_graph`. onnx/onnxruntime are imported inside the functions: they are an optional
+extra (`metaaug[onnx]`).
 """
 
 from __future__ import annotations
 
 import builtins
 import functools
-import math
 import operator
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -34,29 +34,17 @@ import torch
 from torch import fx, nn
 
 from metaaug.errors import ConfigError, ModelError
-from metaaug.export.onnx_graph import _MODULE_UNARY, _Builder, _Call, _function_name, _has_run, _pair, _Run
+from metaaug.export.onnx_graph import _Builder, _Call, _function_name, _has_run, _Run
+from metaaug.export.onnx_modules import ModuleOps
 from metaaug.export.onnx_ops import TensorOps
-from metaaug.export.pack import pack_bits, uint_weights
-from metaaug.quant.layers import QuantLayer, QuantMatmul
+from metaaug.export.onnx_quant import QuantizerOps, check_act_container
 from metaaug.quant.prepare import QuantModel
-from metaaug.quant.quantizers import ActQuantizer
 from metaaug.runs.files import atomic_path
 
 OPSET = 21  # first opset with int4/uint4 QuantizeLinear/DequantizeLinear
 BIAS_QUANT_PASS = "WeightBiasQuantization"
 INSTALL_HINT = "ONNX export needs onnx and onnxruntime: pip install 'metaaug[onnx]'"
 SHADOW_BATCHES = (2, 3)  # a size that differs between the two follows the batch
-
-# Activation containers: "int4" puts every <= 4-bit quantizer in a 4-bit QDQ pair, "int8" every one in an 8-bit pair
-# (exact: Clip bounds the range first), "auto" uses 4 bits only where onnxruntime accepts them.
-ACT_CONTAINERS = ("auto", "int4", "int8")
-# onnxruntime's QDQ passes move a QuantizeLinear backward and a DequantizeLinear forward through these ops
-# (QDQPropagationTransformer) and then run them on the integer tensor, which works at 4 bits...
-INT4_PASS_THROUGH = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice"})
-# ...but not for these, which it then refuses (INVALID_GRAPH "Type 'tensor(uint4)' of input parameter (..q_to_dq) of
-# operator (MaxPool)"; onnxruntime 1.32 refuses MaxPool, the others are kept out because their QDQ node units run on
-# the integer tensor too).
-INT4_REFUSED = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Concat", "Resize"})
 
 
 def require_onnx() -> tuple[Any, Any]:
@@ -69,14 +57,9 @@ def require_onnx() -> tuple[Any, Any]:
     return onnx, onnxruntime
 
 
-def check_act_container(container: str) -> str:
-    if container not in ACT_CONTAINERS:
-        raise ConfigError(f"activation container must be one of {', '.join(ACT_CONTAINERS)}, got {container!r}")
-    return container
-
-
-class _Exporter(TensorOps):
-    """Writes a prepared model's graph as ONNX: quantizers, modules and graphs here, tensor functions in `TensorOps`."""
+class _Exporter(QuantizerOps, ModuleOps, TensorOps):
+    """Writes a prepared model's graph as ONNX: values and the graph walk here, the quantizers in `QuantizerOps`,
+    modules in `ModuleOps`, tensor functions and methods in `TensorOps`."""
 
     def __init__(self, onnx: Any, container: str, wide: frozenset[int] = frozenset()) -> None:
         self.b = _Builder(onnx)
@@ -179,206 +162,6 @@ class _Exporter(TensorOps):
         if isinstance(v, slice):
             return slice(self.concrete(v.start, k), self.concrete(v.stop, k), self.concrete(v.step, k))
         return v
-
-    # ---- quantizers -------------------------------------------------------------------------------------
-    def weight(self, ql: QuantLayer, base: str, transpose: bool = False) -> str:
-        """The dequantized weight; `transpose` gives a Linear's `W^T` (`[in, out]`, channel axis 1) for MatMul."""
-        w = ql.layer.weight.detach()
-        if not ql.quantize_weight:
-            return self.b.const(base + "_w", (w.t() if transpose else w).float().numpy())
-        wq = ql.wq
-        q = uint_weights(wq, w)
-        if transpose:
-            q = q.t().contiguous()
-        four = wq.bits <= 4
-        dtype = self.tp.UINT4 if four else self.tp.UINT8
-        qname = self.b.raw(base + "_wq", dtype, list(q.shape), pack_bits(q, 4 if four else 8).numpy().tobytes())
-        zp = wq.zero_point.detach().round().to(torch.uint8).flatten()
-        zname = self.b.raw(base + "_wzp", dtype, [zp.numel()], pack_bits(zp, 4 if four else 8).numpy().tobytes())
-        sname = self.b.const(base + "_wscale", wq.scale.detach().float().flatten().numpy())
-        return self.b.op("DequantizeLinear", [qname, sname, zname], base + "_wdq", axis=1 if transpose else 0)
-
-    def act(self, aq: ActQuantizer, x: str, base: str) -> str:
-        if not aq.enabled:
-            return x
-        if getattr(aq, "grid", "uniform") == "log2":
-            return self.log2_act(aq, x, base)
-        lo, hi = aq.bounds
-        signed = bool(aq.signed)
-        # a 1-element scale, not a scalar: onnxruntime's Clip -> QuantizeLinear fusion only reads scalar scales, and
-        # throws on a 4-bit zero-point when it does
-        scale = aq.scale.detach().float().reshape(1)
-        four = aq.bits <= 4 and (self.container == "int4" or (self.container == "auto" and id(aq) not in self.wide))
-        container = 4 if four else 8
-        if aq.bits < container:
-            cmin = self.b.const(base + "_lo", (scale * lo).numpy())
-            cmax = self.b.const(base + "_hi", (scale * hi).numpy())
-            x = self.b.op("Clip", [x, cmin, cmax], base + "_clip")
-        dtype = {(4, False): self.tp.UINT4, (4, True): self.tp.INT4, (8, False): self.tp.UINT8, (8, True): self.tp.INT8}[(container, signed)]
-        sname = self.b.const(base + "_scale", scale.numpy())
-        zname = self.b.raw(base + "_zp", dtype, [], b"\x00")
-        q = self.b.op("QuantizeLinear", [x, sname, zname], base + "_q")
-        dq = self.b.op("DequantizeLinear", [q, sname, zname], base + "_dq")
-        if four:
-            self.qdq4.append((id(aq), x, dq))
-        return dq
-
-    def log2_act(self, aq: ActQuantizer, x: str, base: str) -> str:
-        """`s * 2^-q`, `q = clamp(round(-log2(x/s)), 0, 2^b - 1)`, 0 where the rounded code is past the top (as
-        `grids.log2_levels`). QuantizeLinear/DequantizeLinear only have uniform grids, so this is written with
-        elementary ops (Div, Log, Round, Where, Clip, Pow): exact up to the float rounding of log2 itself."""
-        b = self.b
-        hi = float(2**aq.bits - 1)
-        f32 = functools.partial(np.array, dtype=np.float32)
-        scale = b.const(base + "_scale", aq.scale.detach().float().reshape(()).numpy())
-        xs = b.op("Div", [x, scale], base + "_xs")
-        neg_log2 = b.op("Neg", [b.op("Div", [b.op("Log", [xs], base + "_ln"), b.const(base + "_ln2", f32(math.log(2.0)))],
-                                     base + "_log2")], base + "_nlog2")
-        code = b.op("Where", [b.op("Greater", [xs, b.const(base + "_zero", f32(0.0))], base + "_pos"),
-                              b.op("Round", [neg_log2], base + "_round"), b.const(base + "_inf", f32(np.inf))], base + "_code")
-        clipped = b.op("Clip", [code, b.const(base + "_lo", f32(0.0)), b.const(base + "_hi", f32(hi))], base + "_clip")
-        level = b.op("Pow", [b.const(base + "_two", f32(2.0)), b.op("Neg", [clipped], base + "_nq")], base + "_level")
-        level = b.op("Where", [b.op("Greater", [code, b.const(base + "_top", f32(hi))], base + "_under"),
-                               b.const(base + "_z", f32(0.0)), level], base + "_levels")
-        return b.op("Mul", [level, scale], base + "_dq")
-
-    def needs_wide(self) -> set[int]:
-        """The quantizers in 4-bit pairs that onnxruntime would refuse: one whose QuantizeLinear reads, or whose
-        DequantizeLinear feeds, an `INT4_REFUSED` op (looking through `INT4_PASS_THROUGH` ops)."""
-        producer = {o: n for n in self.b.nodes for o in n.output}
-        readers: dict[str, list[Any]] = defaultdict(list)
-        for n in self.b.nodes:
-            for i in n.input:
-                readers[i].append(n)
-
-        def source(name: str) -> Any:
-            n = producer.get(name)
-            while n is not None and n.op_type in INT4_PASS_THROUGH:
-                n = producer.get(n.input[0])
-            return n
-
-        def sinks(name: str) -> set[str]:
-            ops, todo = set(), [name]
-            while todo:
-                for n in readers[todo.pop()]:
-                    ops.add(n.op_type)
-                    if n.op_type in INT4_PASS_THROUGH:
-                        todo.append(n.output[0])
-            return ops
-
-        return {aq for aq, q_in, dq in self.qdq4 if getattr(source(q_in), "op_type", None) in INT4_REFUSED or sinks(dq) & INT4_REFUSED}
-
-    # ---- modules ----------------------------------------------------------------------------------------
-    def module(self, c: _Call, mod: nn.Module, args: list[Any], kwargs: dict[str, Any]) -> Any:
-        b, base = self.b, c.base
-        if isinstance(mod, QuantMatmul):
-            qa, qb = (self.act(q, self.t(v, base), f"{base}_{n}") for q, v, n in ((mod.qa, args[0], "qa"), (mod.qb, args[1], "qb")))
-            return b.op("MatMul", [qa, qb], base)
-        xr = args[0] if args else None
-        if not isinstance(xr, _Run) or len(args) + len(kwargs) != 1:
-            raise ModelError(f"ONNX export: module {type(mod).__name__} at '{base}' called with {len(args)} positional "
-                             f"and {len(kwargs)} keyword arguments is not supported")
-        x = self.t(xr, base)
-        if isinstance(mod, QuantLayer):
-            return self.layer(mod, xr, base)
-        if isinstance(mod, ActQuantizer):
-            return self.act(mod, x, base)
-        if isinstance(mod, nn.Identity | nn.Dropout):
-            return xr
-        for cls, op_type in _MODULE_UNARY:
-            if isinstance(mod, cls):
-                return b.op(op_type, [x], base)
-        if isinstance(mod, nn.ReLU6):
-            return self.clip(x, 0.0, 6.0, base)
-        if isinstance(mod, nn.LeakyReLU):
-            return b.op("LeakyRelu", [x], base, alpha=float(mod.negative_slope))
-        if isinstance(mod, nn.Hardsigmoid):
-            return b.op("HardSigmoid", [x], base, alpha=1.0 / 6.0, beta=0.5)
-        if isinstance(mod, nn.SiLU):
-            return b.op("Mul", [x, b.op("Sigmoid", [x], base + "_sig")], base)
-        if isinstance(mod, nn.GELU):
-            return b.op("Gelu", [x], base, approximate=mod.approximate)
-        if isinstance(mod, nn.Softmax) and mod.dim is not None:
-            return b.op("Softmax", [x], base, axis=int(mod.dim))
-        if isinstance(mod, nn.LayerNorm):
-            return self.layer_norm(c, xr, mod.normalized_shape, mod.weight, mod.bias, mod.eps)
-        if isinstance(mod, nn.GroupNorm):
-            return self.op_group_norm(c, xr, mod.num_groups, mod.weight, mod.bias, mod.eps)
-        if isinstance(mod, nn.Flatten):
-            return self.flatten(c, xr, mod.start_dim, mod.end_dim)
-        if isinstance(mod, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d):
-            return self.global_pool(x, mod.output_size, isinstance(mod, nn.AdaptiveMaxPool2d), base)
-        if isinstance(mod, nn.MaxPool2d | nn.AvgPool2d):
-            return self.pool(mod, x, base)
-        if isinstance(mod, nn.BatchNorm1d | nn.BatchNorm2d):
-            ch = mod.num_features
-            gamma = mod.weight.detach() if mod.affine else torch.ones(ch)
-            beta = mod.bias.detach() if mod.affine else torch.zeros(ch)
-            ins = [x] + [b.const(base + s, t.float().numpy()) for s, t in
-                         (("_g", gamma), ("_b", beta), ("_m", mod.running_mean), ("_v", mod.running_var))]
-            return b.op("BatchNormalization", ins, base, epsilon=float(mod.eps))
-        raise ModelError(f"ONNX export: module {type(mod).__name__} at '{base}' is not supported")
-
-    def layer(self, ql: QuantLayer, xr: _Run, base: str) -> str:
-        layer, b = ql.layer, self.b
-        x = self.t(xr, base)
-        bias = b.const(base + "_bias", layer.bias.detach().float().numpy()) if layer.bias is not None else None
-        if isinstance(layer, nn.Linear):
-            if xr.rank == 2:
-                return b.op("Gemm", [x, self.weight(ql, base)] + ([bias] if bias else []), base, transB=1)
-            # Gemm is 2-D only: a Linear on (B, N, D) tokens is MatMul with the dequantized W^T, then the bias
-            y = b.op("MatMul", [x, self.weight(ql, base, transpose=True)], base + ("_mm" if bias else ""))
-            return b.op("Add", [y, bias], base) if bias else y
-        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-            raise ModelError(f"ONNX export: conv '{base}' uses padding {layer.padding!r}/{layer.padding_mode}; "
-                             "only numeric zero padding is supported")
-        pads = _pair(layer.padding)
-        return b.op("Conv", [x, self.weight(ql, base)] + ([bias] if bias else []), base, kernel_shape=_pair(layer.kernel_size),
-                    strides=_pair(layer.stride), pads=pads + pads, dilations=_pair(layer.dilation), group=int(layer.groups))
-
-    def clip(self, x: str, lo: float, hi: float, base: str) -> str:
-        return self.b.op("Clip", [x, self.b.const(base + "_lo", np.array(lo, np.float32)),
-                                  self.b.const(base + "_hi", np.array(hi, np.float32))], base)
-
-    def layer_norm(self, c: _Call, x: _Run, shape: Any, weight: Any, bias: Any, eps: float) -> str:
-        dims = list(shape) if isinstance(shape, list | tuple | torch.Size) else [shape]
-        scale = weight if weight is not None else torch.ones(dims)
-        ins = [self.t(x, c.base), self.t(scale, c.base + "_g", torch.float32)]
-        if bias is not None:
-            ins.append(self.t(bias, c.base + "_b", torch.float32))
-        return self.b.op("LayerNormalization", ins, c.base, axis=-len(dims), epsilon=float(eps))
-
-    def op_group_norm(self, c: _Call, x: _Run, num_groups: int, weight: Any = None, bias: Any = None, eps: float = 1e-5,
-                      *_: Any) -> str:
-        ch = x.values[0].shape[1]
-        ins = [self.t(x, c.base)] + [self.t(v if v is not None else default, c.base + n, torch.float32)
-                                     for v, default, n in ((weight, torch.ones(ch), "_g"), (bias, torch.zeros(ch), "_b"))]
-        return self.b.op("GroupNormalization", ins, c.base, num_groups=int(num_groups), epsilon=float(eps))
-
-    def flatten(self, c: _Call, x: _Run, start: int, end: int) -> str:
-        rank = x.rank
-        start, end = start % max(rank, 1), end % max(rank, 1)
-        if start == 1 and end == rank - 1:
-            return self.b.op("Flatten", [x.name], c.base, axis=1)
-        dims = self.dims(x, c.base)
-        return self.b.op("Reshape", [x.name, self.out_shape(c, [*dims[:start], -1, *dims[end + 1:]])], c.base)
-
-    def global_pool(self, x: str, size: Any, is_max: bool, base: str) -> str:
-        if size not in (1, (1, 1), [1, 1]):
-            raise ModelError(f"ONNX export: adaptive pooling to {size} at '{base}' is not supported (only 1)")
-        return self.b.op("GlobalMaxPool" if is_max else "GlobalAveragePool", [x], base)
-
-    def pool(self, mod: nn.MaxPool2d | nn.AvgPool2d, x: str, base: str) -> str:
-        pads = _pair(mod.padding)
-        attrs: dict[str, Any] = {"kernel_shape": _pair(mod.kernel_size), "strides": _pair(mod.stride or mod.kernel_size),
-                                 "pads": pads + pads, "ceil_mode": int(mod.ceil_mode)}
-        if isinstance(mod, nn.MaxPool2d):
-            if _pair(mod.dilation) != [1, 1] or mod.return_indices:
-                raise ModelError(f"ONNX export: dilated or index-returning MaxPool2d at '{base}' is not supported")
-            return self.b.op("MaxPool", [x], base, **attrs)
-        if mod.divisor_override is not None:
-            raise ModelError(f"ONNX export: AvgPool2d divisor_override at '{base}' is not supported")
-        return self.b.op("AveragePool", [x], base, count_include_pad=int(mod.count_include_pad), **attrs)
 
     # ---- graphs -----------------------------------------------------------------------------------------
     def graph(self, gm: fx.GraphModule, inputs: list[Any], prefix: str) -> Any:
