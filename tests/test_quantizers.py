@@ -151,6 +151,20 @@ def test_qdrop_mixes_quantized_and_fp_values_with_probability_p():
     assert ((y == q) | (y == x)).all()
 
 
+def test_keep_mask_unpacks_random_bytes_least_significant_bit_first():
+    from metaaug.quant.grids import keep_mask
+
+    cpu, shape = torch.device("cpu"), (5, 13)  # 65 elements: 9 bytes, the last one partly used
+    torch.manual_seed(3)
+    raw = torch.randint(0, 256, (9,))
+    expect = ((raw.unsqueeze(1) >> torch.arange(8)) & 1).flatten()[:65].view(shape)
+    for dtype in (torch.float32, torch.uint8):
+        torch.manual_seed(3)
+        mask = keep_mask(torch.Size(shape), 0.5, cpu, dtype)
+        assert mask.dtype == dtype and torch.equal(mask, expect.to(dtype))
+    assert 0.45 < float(keep_mask(torch.Size((100, 100)), 0.5, cpu).mean()) < 0.55
+
+
 @pytest.mark.parametrize("bad", [1, 9, 0, 2.5, "4"])
 def test_bits_outside_2_to_8_are_rejected(bad):
     with pytest.raises(ConfigError, match=r"2\.\.8"):
