@@ -16,7 +16,7 @@ from metaaug.errors import ConfigError
 from metaaug.methods.configs import QDropConfig
 from metaaug.methods.registry import JobContext
 from metaaug.quant.prepare import QuantSpec, prepare
-from metaaug.recon.cache import CacheSettings, StoredRows, parse_size
+from metaaug.recon.cache import CacheSettings, StoredRows, parse_size, take_rows
 from metaaug.recon.engine import Reconstructor
 
 runner = CliRunner()
@@ -42,6 +42,7 @@ def test_stored_rows_read_back_what_was_written(tmp_path, dtype, on_disk):
     idx = torch.tensor([9, 0, 3, 3])
     assert torch.equal(rows[idx], expect[idx]) and torch.equal(rows.to("cpu"), expect)
     assert rows.nbytes == x.numel() * torch.empty((), dtype=dtype).element_size()
+    assert torch.equal(take_rows(rows, idx), expect[idx]) and torch.equal(take_rows(x, idx), x[idx])
 
 
 def _reconstruct(model, images, cache, dtype="float32"):

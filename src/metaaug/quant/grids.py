@@ -81,7 +81,7 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.dt
     """0/1 mask, 1 with probability p. For p = 0.5 on CPU it unpacks random bytes into bits: the CPU generator is
     serial, so drawing one byte per 8 elements is ~3x cheaper than `rand_like` on the reconstruction hot path. A byte
     is unpacked by looking up its 8 bits, packed as 8 bytes in one int64 (`_BYTE_BITS`): one 8-byte gather per 8
-    elements, ~3x faster than shifting and masking. Bit j of byte i is element 8i + j. A uint8 `dtype` skips the
+    elements instead of a shift and a mask over all of them. Bit j of byte i is element 8i + j. A uint8 `dtype` skips the
     conversion (the fused fake-quant node converts inside)."""
     n = math.prod(shape)
     if p == 0.5 and device.type == "cpu":

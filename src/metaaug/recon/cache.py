@@ -76,6 +76,15 @@ def is_rows(value: Any) -> bool:
     return isinstance(value, torch.Tensor | StoredRows)
 
 
+def take_rows(rows: torch.Tensor | StoredRows, idx: torch.Tensor) -> torch.Tensor:
+    """Rows `idx` of a cached batch-major tensor. A plain tensor gathers them with `index_select`: the same values as
+    `rows[idx]`, but whole-row copies instead of advanced indexing, which is several times slower on a CPU; the
+    reconstruction step draws three such batches per iteration."""
+    if isinstance(rows, torch.Tensor):
+        return rows.index_select(0, idx.to(rows.device))
+    return rows[idx]
+
+
 class StoredRows:
     """A batch-major tensor stored in a smaller dtype and/or a file; indexing returns float32 rows on `device`.
 

@@ -21,7 +21,7 @@ from metaaug.progress import NullProgress, Progress, UnitStats
 from metaaug.quant.grids import check_compiler, compiled_fake_quant, qdrop_mix
 from metaaug.quant.observe import observing
 from metaaug.quant.prepare import QuantModel
-from metaaug.recon.cache import Cache, CacheSettings, is_rows
+from metaaug.recon.cache import Cache, CacheSettings, is_rows, take_rows
 from metaaug.recon.config import ReconConfig
 from metaaug.recon.estimate import JobEstimate, estimate
 from metaaug.recon.loss import beta_at, output_error, rounding_penalty
@@ -58,13 +58,13 @@ class UnitData:
             if not is_rows(q):
                 inputs.append(q)
                 continue
-            qb = q[idx].to(device, non_blocking=True)
+            qb = take_rows(q, idx).to(device, non_blocking=True)
             if quant_prob < 1.0:
-                qb = qdrop_mix(qb, f[idx].to(device, non_blocking=True), quant_prob)
+                qb = qdrop_mix(qb, take_rows(f, idx).to(device, non_blocking=True), quant_prob)
             inputs.append(qb)
         out = self.fp_out
-        target = out[idx].to(device) if is_rows(out) else tuple(
-            o[idx].to(device) if is_rows(o) else o for o in out)  # shapes passed between units stay as they are
+        target = take_rows(out, idx).to(device) if is_rows(out) else tuple(
+            take_rows(o, idx).to(device) if is_rows(o) else o for o in out)  # shapes passed between units stay as they are
         return inputs, target
 
 

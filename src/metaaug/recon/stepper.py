@@ -9,7 +9,7 @@ import torch
 from torch import fx
 
 from metaaug.quant.prepare import QuantModel
-from metaaug.recon.cache import Cache, StoredRows, is_rows, slice_rows
+from metaaug.recon.cache import Cache, StoredRows, is_rows, slice_rows, take_rows
 
 Value = object
 
@@ -139,7 +139,7 @@ class GraphStepper:
         """A stepper paused at the same place, holding only rows `idx` of every live tensor (for MetaAug's suffix)."""
         view = object.__new__(GraphStepper)
         view.__dict__.update(self.__dict__)
-        view.env = {n: v[idx].to(device) if is_rows(v) else v for n, v in self.env.items()}
+        view.env = {n: take_rows(v, idx).to(device) if is_rows(v) else v for n, v in self.env.items()}
         view.device, view.cache_device, view.chunk, view.cache = device, device, None, None
         return view
 
