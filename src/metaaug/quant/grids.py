@@ -79,20 +79,19 @@ def rtn_fake_quant(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """0/1 mask, 1 with probability p. For p = 0.5 on CPU it unpacks random bytes into bits: the CPU generator is
-    serial, so drawing one byte per 8 elements is ~3x cheaper than `rand_like` on the reconstruction hot path. A byte
+    serial, so drawing one byte per 8 elements is ~2x cheaper than `rand_like` on the reconstruction hot path. A byte
     is unpacked by looking up its 8 bits, packed as 8 bytes in one int64 (`_BYTE_BITS`): one 8-byte gather per 8
-    elements instead of a shift and a mask over all of them. Bit j of byte i is element 8i + j. A uint8 `dtype` skips the
-    conversion (the fused fake-quant node converts inside)."""
+    elements instead of a shift and a mask over all of them. Bit j of byte i is element 8i + j. A bool `dtype` costs
+    no conversion on any device (the fused fake-quant node converts inside)."""
     n = math.prod(shape)
     if p == 0.5 and device.type == "cpu":
         raw = torch.randint(0, 256, ((n + 7) // 8,), device=device)
-        bits = _BYTE_BITS.index_select(0, raw).view(torch.uint8)[:n].view(shape)
-        return bits if dtype == torch.uint8 else bits.to(dtype)
+        return _BYTE_BITS.index_select(0, raw).view(torch.bool)[:n].view(shape).to(dtype)
     return (torch.rand(shape, device=device) < p).to(dtype)
 
 
 # entry b: the bits of byte b, least significant first, one 0/1 byte each, read as one int64 (any byte order: the
-# table is built and read back through the same uint8 view)
+# table is built and read back through 1-byte views)
 _BYTE_BITS = ((torch.arange(256, device="cpu").unsqueeze(1) >> torch.arange(8, device="cpu")) & 1).to(
     torch.uint8).view(torch.int64).view(-1)
 
@@ -147,7 +146,7 @@ class _GridFakeQuant(torch.autograd.Function):
             out, passthrough = q, inside
             dq = rc - xs * inside if want_s else None
         else:
-            mask = mask.to(x.dtype)  # drawn as uint8: converted here, inside the compiled kernel when compiled
+            mask = mask.to(x.dtype)  # drawn as bool: converted here, inside the compiled kernel when compiled
             out = torch.lerp(x, q, mask)
             passthrough = 1 - mask * (1 - inside)
             dq = mask * (rc - xs * inside) if want_s else None
@@ -200,7 +199,7 @@ def _compiled_node() -> Callable[..., torch.Tensor]:
 
 
 def _mask(x: torch.Tensor, quant_prob: float) -> torch.Tensor | None:
-    return None if quant_prob >= 1.0 else keep_mask(x.shape, quant_prob, x.device, torch.uint8)
+    return None if quant_prob >= 1.0 else keep_mask(x.shape, quant_prob, x.device, torch.bool)
 
 
 def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int, quant_prob: float = 1.0) -> torch.Tensor:

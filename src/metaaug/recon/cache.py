@@ -142,7 +142,7 @@ class StoredRows:
         else:
             index = torch.as_tensor(index, dtype=torch.long).cpu()
             if self.data is not None:
-                rows = self.data[index.to(self.data.device)]
+                rows = take_rows(self.data, index)
             else:
                 rows = torch.stack([self._read(int(i), 1)[0] for i in index]) if index.numel() else \
                     torch.empty((0, *self.shape[1:]), dtype=self.store_dtype)
